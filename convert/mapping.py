@@ -131,6 +131,16 @@ def _unflatten(flat: Dict[Tuple[str, ...], object]) -> dict:
     return tree
 
 
+def _hf_leaf_name(path: Tuple[str, ...]) -> str:
+    """The HF key that would fill a Flax leaf (in-memory layout)."""
+    mod, leaf = path[:-1], path[-1]
+    if len(mod) >= 2 and mod[-2] == "cross_attn" and mod[-1] in ("q_proj", "k_proj", "v_proj"):
+        name = "in_proj_weight" if leaf == "kernel" else "in_proj_bias"
+        return f"{hf_module_name(mod[:-1])}.{name} ({mod[-1][0]} rows)"
+    name = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    return f"{hf_module_name(mod)}.{name}"
+
+
 def _ignored(key: str) -> bool:
     return any(key.endswith(s) for s in IGNORED_SUFFIXES)
 
@@ -198,7 +208,7 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
         lines = ["The checkpoint does not match the model configuration."]
         if missing:
             lines.append(f"Missing ({len(missing)}): the model needs these, the checkpoint lacks them:")
-            lines += [f"  {hf_module_name(p[:-1])}.{p[-1]}  (Flax {'/'.join(p)})" for p in missing]
+            lines += [f"  {_hf_leaf_name(p)}  (Flax {'/'.join(p)})" for p in missing]
         if unexpected:
             lines.append(f"Unexpected ({len(unexpected)}): in the checkpoint, unknown to the model:")
             lines += [f"  {k}" for k in unexpected]

@@ -1,7 +1,22 @@
-"""m2f_jax: Mask2Former (universal image segmentation) in JAX/Flax, with parity to transformers."""
+"""m2f_jax: Mask2Former (universal image segmentation) in JAX/Flax, with parity to transformers.
+
+    model = m2f_jax.load("facebook/mask2former-swin-tiny-coco-panoptic")   # or a local folder
+
+The JAX-heavy entry points are imported lazily, so the NumPy processing modules can be used
+without importing jax.
+"""
 from m2f_jax.config import Mask2FormerConfig, SwinConfig
-from m2f_jax.hub import Mask2Former, load
 
 __version__ = "0.1.0"
 
+_LAZY = {"load": "m2f_jax.hub", "Mask2Former": "m2f_jax.hub"}
+
 __all__ = ["Mask2Former", "Mask2FormerConfig", "SwinConfig", "load"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'm2f_jax' has no attribute {name!r}")

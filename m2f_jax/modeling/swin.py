@@ -252,10 +252,11 @@ class SwinAttention(nn.Module):
         b, nw, t, c = windows.shape
         head_dim = self.dim // self.num_heads
         dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype, kernel_init=_dense_init(self.config))
-        qkv_shape = (b, nw, t, self.num_heads, head_dim)
-        q = dense(use_bias=self.config.qkv_bias, name="q_proj")(windows).reshape(qkv_shape)  # (B, nW, T, nh, hd)
-        k = dense(use_bias=self.config.qkv_bias, name="k_proj")(windows).reshape(qkv_shape)
-        v = dense(use_bias=self.config.qkv_bias, name="v_proj")(windows).reshape(qkv_shape)
+        qkv_shape = (b, nw, t, self.num_heads, head_dim)  # heads major in the channel axis
+        bias_on = self.config.qkv_bias
+        q = dense(use_bias=bias_on, name="q_proj")(windows).reshape(qkv_shape)  # (B, nW, T, nh, hd)
+        k = dense(use_bias=bias_on, name="k_proj")(windows).reshape(qkv_shape)  # (B, nW, T, nh, hd)
+        v = dense(use_bias=bias_on, name="v_proj")(windows).reshape(qkv_shape)  # (B, nW, T, nh, hd)
         bias = SwinRelativePositionBias(
             self.num_heads, self.config.window_size, name="relative_position_bias"
         )()  # (nh, T, T)
@@ -317,9 +318,9 @@ class SwinLayer(nn.Module):
         if shift > 0:
             attn = jnp.roll(attn, (shift, shift), axis=(1, 2))
         attn = attn[:, :h, :w]  # (B, H, W, C)
+        # HF quirk kept for parity: drop-path on the attention branch only, not the MLP's.
         if self.drop_path_rate > 0.0 and not deterministic:
             attn = drop_path(attn, self.drop_path_rate, self.make_rng("dropout"))
-        # HF quirk kept for parity: drop-path on the attention branch only.
         x = shortcut + attn
 
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layernorm_after")(x)

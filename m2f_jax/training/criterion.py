@@ -1,0 +1,467 @@
+"""Mask2Former's training loss (transformers' ``Mask2FormerLoss`` + the weighting of
+``Mask2FormerForUniversalSegmentation.get_loss_dict``), jittable with static shapes.
+
+Per prediction level (the final prediction, then each auxiliary one, each matched independently
+with fresh points):
+
+* ``loss_cross_entropy``: class_weight * weighted-mean cross-entropy over all B*Q queries, class
+  weights ``[1]*K + [no_object_weight]``; unmatched queries target the "no object" class K.
+* ``loss_mask``: mask_weight * sigmoid BCE, averaged over the points of each matched pair,
+  summed over the pairs and divided by ``num_masks``.
+* ``loss_dice``: dice_weight * dice loss (+1 smoothing) on the same points, summed / num_masks.
+
+The points of each pair are importance-sampled as in transformers: ``int(P * oversample_ratio)``
+uniform points, the ``int(importance_sample_ratio * P)`` most uncertain ones (uncertainty
+``-|logit|`` of the matched prediction) kept, plus ``P - k`` fresh uniform points.
+
+``num_masks = max(number of valid targets / world, 1)``; with ``axis_name`` the count is summed
+over that mapped axis and divided by its size (transformers with accelerate).
+
+Static shapes: targets are padded to M slots per image (``label_valid`` marks the real ones); the
+mask terms are computed for all B*M slots and the unmatched ones are masked out.
+
+Randomness comes from ``key``, or from ``given_points`` to replay transformers' ``torch.rand``
+draws exactly (see :func:`points_from_torch_draws`). ``given_points`` is a sequence with one dict
+per prediction level, in transformers' draw order (final prediction first, then auxiliary 0, 1,
+...)::
+
+    {"matcher":     (B, P, 2)   # the B draws torch.rand(1, P, 2), concatenated
+     "oversampled": (L, int(P * oversample_ratio), 2)
+     "random":      (L, P - int(importance_sample_ratio * P), 2)}  # may be omitted when P - k == 0
+
+Row r of "oversampled"/"random" belongs to the r-th matched pair in transformers' order: images in
+batch order, and within an image by ascending query index. L must be at least the number of
+matched pairs R = sum_i min(Q, N_i) (transformers draws exactly R rows; extra rows are ignored).
+All levels must have the same L.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling.deformable import sample_points
+from m2f_jax.training.matcher import Matching, _check_matcher_inputs, checked_label_valid, hungarian_matcher
+
+PREDICTION_KEYS = ("class_queries_logits", "masks_queries_logits")
+# transformers' list of per-level dicts, or one dict of arrays stacked on a leading level axis.
+AuxiliaryLogits = Union[Sequence[Mapping[str, jax.Array]], Mapping[str, jax.Array], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The loss-related fields of :class:`Mask2FormerConfig` (frozen: usable as a static arg)."""
+
+    num_labels: int
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+    @classmethod
+    def from_config(cls, config: Mask2FormerConfig, **overrides) -> "LossConfig":
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def num_oversampled_points(self) -> int:
+        return int(self.train_num_points * self.oversample_ratio)  # transformers truncates
+
+    @property
+    def num_uncertain_points(self) -> int:
+        return int(self.importance_sample_ratio * self.train_num_points)
+
+    @property
+    def num_random_points(self) -> int:
+        return self.train_num_points - self.num_uncertain_points
+
+
+def _as_loss_config(config: Union[LossConfig, Mask2FormerConfig, None], overrides) -> LossConfig:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(config, LossConfig):
+        config = dataclasses.replace(config, **overrides)
+    elif isinstance(config, Mask2FormerConfig):
+        config = LossConfig.from_config(config, **overrides)
+    elif config is None:
+        if "num_labels" not in overrides:
+            raise ValueError("mask2former_loss needs `config` or at least `num_labels`.")
+        config = LossConfig(**overrides)
+    else:
+        raise ValueError(
+            f"config must be a LossConfig or Mask2FormerConfig, got {type(config).__name__}."
+        )
+    if config.num_oversampled_points < config.num_uncertain_points:
+        raise ValueError(
+            f"int(train_num_points * oversample_ratio) = {config.num_oversampled_points} must be "
+            f">= int(importance_sample_ratio * train_num_points) = {config.num_uncertain_points}."
+        )
+    return config
+
+
+def sigmoid_bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Element-wise ``BCEWithLogitsLoss(reduction="none")`` (the stable form torch uses)."""
+    return jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def num_masks_for_normalisation(label_valid: jax.Array, axis_name=None) -> jax.Array:
+    """max(total valid targets / world size, 1), summed over ``axis_name`` when given."""
+    num_masks = jnp.sum(label_valid.astype(jnp.float32))
+    if axis_name is not None:
+        num_masks = jax.lax.psum(num_masks, axis_name) / jax.lax.psum(1, axis_name)
+    return jnp.maximum(num_masks, 1.0)
+
+
+def class_loss(
+    class_queries_logits: jax.Array,
+    class_labels: jax.Array,
+    matching: Matching,
+    no_object_weight: float,
+) -> jax.Array:
+    """Weighted-mean CE over all B*Q queries; unmatched queries target "no object" (index K)."""
+    batch_size, num_queries, num_classes = class_queries_logits.shape
+    no_object = num_classes - 1
+    matched = matching.target_to_query >= 0  # (B, M)
+    query = jnp.where(matched, matching.target_to_query, num_queries)  # out of range: dropped
+    target_classes = (
+        jnp.full((batch_size, num_queries), no_object, jnp.int32)
+        .at[jnp.arange(batch_size)[:, None], query]
+        .set(class_labels.astype(jnp.int32), mode="drop")
+    )  # (B, Q)
+    log_probs = jax.nn.log_softmax(class_queries_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]  # (B, Q)
+    class_weights = jnp.ones((num_classes,), jnp.float32).at[no_object].set(no_object_weight)
+    weights = class_weights[target_classes]  # (B, Q)
+    return jnp.sum(weights * nll) / jnp.sum(weights)
+
+
+def _pair_rows(matching: Matching) -> jax.Array:
+    """(B*M,) row of transformers' (R, ...) draws for each target slot (0 for unmatched slots).
+
+    transformers concatenates the matched pairs image by image, each image's pairs sorted by
+    query index (scipy's linear_sum_assignment returns sorted rows).
+    """
+    target_to_query = matching.target_to_query  # (B, M)
+    matched = target_to_query >= 0
+    # Rank of each matched slot among its image's matched slots, ordered by query index.
+    earlier = matched[:, None, :] & (target_to_query[:, None, :] < target_to_query[:, :, None])
+    rank = jnp.sum(earlier, axis=-1)  # (B, M)
+    counts = jnp.sum(matched, axis=-1)  # (B,)
+    offset = jnp.cumsum(counts) - counts  # (B,) pairs of the previous images
+    rows = jnp.where(matched, offset[:, None] + rank, 0)
+    return rows.reshape(-1).astype(jnp.int32)
+
+
+def _gather_rows(draws: jax.Array, rows: jax.Array, num_points: int) -> jax.Array:
+    if draws.shape[0] == 0:  # no matched pair anywhere: transformers drew (0, P, 2)
+        return jnp.zeros((rows.shape[0], num_points, 2), jnp.float32)
+    return jnp.take(draws.astype(jnp.float32), rows, axis=0, mode="clip")
+
+
+def _importance_points(
+    pred_masks: jax.Array,
+    oversampled: jax.Array,
+    random_points: jax.Array,
+    num_uncertain: int,
+) -> jax.Array:
+    """(N, h, w) logits, (N, Ps, 2), (N, P-k, 2) -> (N, P, 2) points (no gradient)."""
+    if num_uncertain > 0:
+        logits = sample_points(pred_masks[..., None], oversampled)[..., 0]  # (N, Ps)
+        uncertainty = -jnp.abs(logits)
+        _, top = jax.lax.top_k(uncertainty, num_uncertain)  # (N, k)
+        uncertain = jnp.take_along_axis(oversampled, top[..., None], axis=1)  # (N, k, 2)
+        points = jnp.concatenate([uncertain, random_points], axis=1)
+    else:
+        points = random_points
+    return jax.lax.stop_gradient(points)
+
+
+def _level_losses(
+    class_queries_logits: jax.Array,
+    masks_queries_logits: jax.Array,
+    mask_labels: jax.Array,
+    class_labels: jax.Array,
+    label_valid: jax.Array,
+    draws: Dict[str, jax.Array],
+    num_masks: jax.Array,
+    cfg: LossConfig,
+):
+    """Unweighted (loss_mask, loss_dice, loss_cross_entropy) of one prediction level, and its
+    matching."""
+    batch_size, num_queries, height, width = masks_queries_logits.shape
+    num_slots = mask_labels.shape[1]
+    num_pairs = batch_size * num_slots
+    if "key" in draws:
+        # One draw split three ways (one threefry in the compiled program instead of three).
+        sizes = (
+            batch_size * cfg.train_num_points,
+            num_pairs * cfg.num_oversampled_points,
+            num_pairs * cfg.num_random_points,
+        )
+        uniform = jax.random.uniform(draws["key"], (sum(sizes), 2), jnp.float32)
+        match_points = uniform[: sizes[0]].reshape(batch_size, cfg.train_num_points, 2)
+        oversampled = uniform[sizes[0] : sizes[0] + sizes[1]].reshape(
+            num_pairs, cfg.num_oversampled_points, 2
+        )
+        random_points = uniform[sizes[0] + sizes[1] :].reshape(num_pairs, cfg.num_random_points, 2)
+    else:
+        match_points = draws["matcher"]
+    matching = hungarian_matcher(
+        class_queries_logits,
+        masks_queries_logits,
+        mask_labels,
+        class_labels,
+        label_valid,
+        points=match_points,
+        class_weight=cfg.class_weight,
+        mask_weight=cfg.mask_weight,
+        dice_weight=cfg.dice_weight,
+    )
+    if "key" not in draws:
+        rows = _pair_rows(matching)
+        oversampled = _gather_rows(draws["oversampled"], rows, cfg.num_oversampled_points)
+        random_points = _gather_rows(draws["random"], rows, cfg.num_random_points)
+
+    matched = (matching.target_to_query >= 0).reshape(-1)  # (B*M,)
+    query = jnp.clip(matching.target_to_query, 0, num_queries - 1)  # (B, M)
+    pred_masks = jnp.take_along_axis(
+        masks_queries_logits.astype(jnp.float32), query[:, :, None, None], axis=1
+    ).reshape(num_pairs, height, width)  # (B*M, h, w) the matched prediction of each slot
+    target_masks = mask_labels.astype(jnp.float32).reshape(num_pairs, *mask_labels.shape[2:])
+
+    points = _importance_points(
+        jax.lax.stop_gradient(pred_masks), oversampled, random_points, cfg.num_uncertain_points
+    )  # (B*M, P, 2)
+    point_labels = sample_points(target_masks[..., None], points)[..., 0]  # (B*M, P)
+    point_logits = sample_points(pred_masks[..., None], points)[..., 0]  # (B*M, P)
+
+    bce = jnp.mean(sigmoid_bce_with_logits(point_logits, point_labels), axis=-1)  # (B*M,)
+    loss_mask = jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks
+    probs = jax.nn.sigmoid(point_logits)
+    numerator = 2.0 * jnp.sum(probs * point_labels, axis=-1)
+    denominator = jnp.sum(probs, axis=-1) + jnp.sum(point_labels, axis=-1)
+    dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)  # (B*M,)
+    loss_dice = jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks
+
+    loss_ce = class_loss(class_queries_logits, class_labels, matching, cfg.no_object_weight)
+    return (loss_mask, loss_dice, loss_ce), matching
+
+
+def _stack_levels(
+    class_queries_logits, masks_queries_logits, auxiliary_logits
+) -> Dict[str, jax.Array]:
+    """Final + auxiliary predictions -> {"class_queries_logits": (L, B, Q, K+1), ...}."""
+    if auxiliary_logits is None:
+        auxiliary_logits = []
+    if isinstance(auxiliary_logits, Mapping):  # stacked arrays with a leading level axis
+        missing = [k for k in PREDICTION_KEYS if k not in auxiliary_logits]
+        if missing:
+            raise ValueError(
+                f"auxiliary_logits is missing {missing}; expected keys {PREDICTION_KEYS}."
+            )
+        aux = {k: jnp.asarray(auxiliary_logits[k]) for k in PREDICTION_KEYS}
+    else:
+        for i, level in enumerate(auxiliary_logits):
+            if not isinstance(level, Mapping) or any(k not in level for k in PREDICTION_KEYS):
+                raise ValueError(
+                    f"auxiliary_logits[{i}] must be a dict with keys {PREDICTION_KEYS} "
+                    "(transformers' `auxiliary_logits` format)."
+                )
+        aux = {
+            k: jnp.stack([jnp.asarray(level[k]) for level in auxiliary_logits])
+            if len(auxiliary_logits)
+            else None
+            for k in PREDICTION_KEYS
+        }
+    final = {
+        "class_queries_logits": class_queries_logits,
+        "masks_queries_logits": masks_queries_logits,
+    }
+    out = {}
+    for k in PREDICTION_KEYS:
+        if aux[k] is None:
+            out[k] = final[k][None]
+            continue
+        if aux[k].shape[1:] != final[k].shape:
+            raise ValueError(
+                f"auxiliary {k} must have shape (num_aux, *{tuple(final[k].shape)}) like the final "
+                f"prediction, got {tuple(aux[k].shape)}."
+            )
+        out[k] = jnp.concatenate([final[k][None], aux[k].astype(final[k].dtype)], axis=0)
+    return out
+
+
+def _stack_given_points(given_points, num_levels, batch_size, cfg: LossConfig):
+    if len(given_points) != num_levels:
+        raise ValueError(
+            f"given_points must have one entry per prediction level (final + auxiliary = "
+            f"{num_levels}), got {len(given_points)}."
+        )
+    expected = {
+        "matcher": (batch_size, cfg.train_num_points, 2),
+        "oversampled": (None, cfg.num_oversampled_points, 2),
+        "random": (None, cfg.num_random_points, 2),
+    }
+    stacked = {}
+    for name, shape in expected.items():
+        arrays = []
+        for level, entry in enumerate(given_points):
+            if name == "random" and cfg.num_random_points == 0 and name not in entry:
+                arr = jnp.zeros((entry["oversampled"].shape[0], 0, 2), jnp.float32)
+            elif name not in entry:
+                raise ValueError(f"given_points[{level}] has no {name!r} entry.")
+            else:
+                arr = jnp.asarray(entry[name], jnp.float32)
+            ok = arr.ndim == 3 and all(e is None or e == s for e, s in zip(shape, arr.shape))
+            if not ok:
+                raise ValueError(
+                    f"given_points[{level}][{name!r}] must have shape "
+                    f"{tuple('L' if e is None else e for e in shape)}, got {tuple(arr.shape)}."
+                )
+            arrays.append(arr)
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(
+                f"given_points[*][{name!r}] must have the same shape at every level, got "
+                f"{[tuple(a.shape) for a in arrays]}."
+            )
+        stacked[name] = jnp.stack(arrays)
+    if stacked["oversampled"].shape[1] != stacked["random"].shape[1]:
+        raise ValueError(
+            "given_points 'oversampled' and 'random' must have the same number of rows L, got "
+            f"{stacked['oversampled'].shape[1]} and {stacked['random'].shape[1]}."
+        )
+    return stacked
+
+
+def mask2former_loss(
+    class_queries_logits: jax.Array,
+    masks_queries_logits: jax.Array,
+    mask_labels: jax.Array,
+    class_labels: jax.Array,
+    label_valid: Optional[jax.Array] = None,
+    *,
+    config: Union[LossConfig, Mask2FormerConfig, None] = None,
+    auxiliary_logits: AuxiliaryLogits = None,
+    key: Optional[jax.Array] = None,
+    given_points: Optional[Sequence[Mapping[str, Any]]] = None,
+    axis_name: Optional[Any] = None,
+    with_matchings: bool = False,
+    **config_overrides,
+) -> Union[Dict[str, jax.Array], Tuple[Dict[str, jax.Array], Matching]]:
+    """Mask2Former's weighted training losses, as transformers computes them.
+
+    Args:
+      class_queries_logits: (B, Q, K+1) final class logits.
+      masks_queries_logits: (B, Q, h, w) final mask logits.
+      mask_labels: (B, M, H, W) target masks, padded to M slots per image (values in [0, 1]).
+      class_labels: (B, M) int target classes in [0, K).
+      label_valid: (B, M) bool, False for padded slots (default: all valid). Images without any
+        valid target are fine.
+      config: a :class:`LossConfig` or :class:`Mask2FormerConfig`; keyword ``config_overrides``
+        (``num_labels``, ``class_weight``, ``mask_weight``, ``dice_weight``, ``no_object_weight``,
+        ``train_num_points``, ``oversample_ratio``, ``importance_sample_ratio``) replace its fields
+        or, without a config, give them (``num_labels`` required).
+      auxiliary_logits: the intermediate predictions, either transformers' format (a list of dicts
+        with keys "class_queries_logits" and "masks_queries_logits", same shapes as the final
+        ones) or one such dict of arrays stacked on a leading level axis. None: no aux losses.
+      key: PRNG key for all random points. Exactly one of ``key`` and ``given_points``.
+      given_points: replayed random points (format in the module docstring).
+      axis_name: a mapped axis (pmap/shard_map/vmap) over which ``num_masks`` is averaged.
+      with_matchings: also return the matchings of all levels.
+    Returns:
+      Dict of scalars: "loss_mask", "loss_dice", "loss_cross_entropy" (final level), then
+      "loss_mask_{i}", "loss_dice_{i}", "loss_cross_entropy_{i}" for auxiliary level i, all
+      already multiplied by their weight, and "loss", their sum. With ``with_matchings``, the
+      pair (losses, matchings): a :class:`Matching` whose arrays have a leading level axis
+      (level 0 = final prediction, level i + 1 = auxiliary i), gradient-free.
+    """
+    cfg = _as_loss_config(config, config_overrides)
+    batch_size, num_queries = _check_matcher_inputs(
+        class_queries_logits, masks_queries_logits, mask_labels, class_labels
+    )
+    if class_queries_logits.shape[-1] != cfg.num_labels + 1:
+        raise ValueError(
+            f"class_queries_logits must have num_labels + 1 = {cfg.num_labels + 1} classes (the "
+            f"last one is 'no object'), got {tuple(class_queries_logits.shape)}."
+        )
+    num_slots = mask_labels.shape[1]
+    label_valid = checked_label_valid(label_valid, batch_size, num_slots)
+    levels = _stack_levels(class_queries_logits, masks_queries_logits, auxiliary_logits)
+    num_levels = levels["class_queries_logits"].shape[0]
+
+    if (key is None) == (given_points is None):
+        raise ValueError("mask2former_loss needs exactly one of `key` or `given_points`.")
+    if key is not None:
+        draws = {"key": jax.random.split(key, num_levels)}
+    else:
+        draws = _stack_given_points(given_points, num_levels, batch_size, cfg)
+
+    num_masks = num_masks_for_normalisation(label_valid, axis_name)
+
+    def one_level(xs):
+        level_class, level_masks, level_draws = xs
+        return _level_losses(
+            level_class,
+            level_masks,
+            mask_labels,
+            class_labels,
+            label_valid,
+            level_draws,
+            num_masks,
+            cfg,
+        )
+
+    # One trace of the matcher for all levels, and one level's point buffers in memory at a time.
+    (loss_mask, loss_dice, loss_ce), matchings = jax.lax.map(
+        one_level, (levels["class_queries_logits"], levels["masks_queries_logits"], draws)
+    )  # (L,) each
+
+    losses: Dict[str, jax.Array] = {}
+    for level in range(num_levels):
+        suffix = "" if level == 0 else f"_{level - 1}"
+        losses[f"loss_mask{suffix}"] = cfg.mask_weight * loss_mask[level]
+        losses[f"loss_dice{suffix}"] = cfg.dice_weight * loss_dice[level]
+        losses[f"loss_cross_entropy{suffix}"] = cfg.class_weight * loss_ce[level]
+    losses["loss"] = sum(losses.values())
+    if with_matchings:
+        return losses, matchings
+    return losses
+
+
+def points_from_torch_draws(
+    draws: Sequence[Any],
+    batch_size: int,
+    num_levels: int,
+    config: Union[LossConfig, Mask2FormerConfig],
+) -> list:
+    """transformers' recorded ``torch.rand`` outputs, in call order -> ``given_points``.
+
+    Per level transformers draws ``batch_size`` x (1, P, 2) for the matcher, then (R, Ps, 2) and,
+    when P - k > 0, (R, P - k, 2) for the mask losses.
+    """
+    cfg = config if isinstance(config, LossConfig) else LossConfig.from_config(config)
+    per_level = batch_size + (2 if cfg.num_random_points > 0 else 1)
+    if len(draws) != per_level * num_levels:
+        raise ValueError(
+            f"expected {per_level} draws per level x {num_levels} levels = "
+            f"{per_level * num_levels}, got {len(draws)}."
+        )
+    out = []
+    for level in range(num_levels):
+        level_draws = draws[level * per_level : (level + 1) * per_level]
+        chunk = [np.asarray(d, np.float32) for d in level_draws]
+        entry = {
+            "matcher": np.concatenate(chunk[:batch_size], axis=0),
+            "oversampled": chunk[batch_size],
+        }
+        if cfg.num_random_points > 0:
+            entry["random"] = chunk[batch_size + 1]
+        out.append(entry)
+    return out
