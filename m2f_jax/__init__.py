@@ -1,6 +1,7 @@
 """m2f_jax: Mask2Former (universal image segmentation) in JAX/Flax, with parity to transformers.
 
     model = m2f_jax.load("facebook/mask2former-swin-tiny-coco-panoptic")   # or a local folder
+    results = m2f_jax.segment(model, images, task="panoptic")
 
 The JAX-heavy entry points are imported lazily, so the NumPy processing modules can be used
 without importing jax.
@@ -9,9 +10,14 @@ from m2f_jax.config import Mask2FormerConfig, SwinConfig
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "m2f_jax.hub", "Mask2Former": "m2f_jax.hub"}
+_LAZY = {
+    "load": "m2f_jax.hub",
+    "Mask2Former": "m2f_jax.hub",
+    "segment": "m2f_jax.segment",
+    "overlay": "m2f_jax.visualize",
+}
 
-__all__ = ["Mask2Former", "Mask2FormerConfig", "SwinConfig", "load"]
+__all__ = ["Mask2Former", "Mask2FormerConfig", "SwinConfig", "load", "overlay", "segment"]
 
 
 def __getattr__(name):
