@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "m2f_jax.hub",
     "Mask2Former": "m2f_jax.hub",
-    "segment": "m2f_jax.segment",
+    "segment": "m2f_jax.inference",
     "overlay": "m2f_jax.visualize",
 }
 

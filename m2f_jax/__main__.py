@@ -1,13 +1,12 @@
-"""`python -m m2f_jax` / `m2f-jax`: until the demo lands, a random-weights forward of the Swin-T
-geometry on a synthetic image, printing shapes and timing."""
+"""`python -m m2f_jax` / `m2f-jax`: the command line (m2f_jax.cli). `smoke` runs a random-weights
+forward of the Swin-T geometry on a synthetic image and prints shapes and timing."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 
-def _smoke(args) -> int:
+def smoke(size: int = 384, repeats: int = 3) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -21,7 +20,7 @@ def _smoke(args) -> int:
     )
     module = Mask2FormerForUniversalSegmentation(config)
     # A synthetic "photo": smooth gradients and a disc, normalised like the processor does.
-    yy, xx = np.mgrid[0 : args.size, 0 : args.size] / args.size
+    yy, xx = np.mgrid[0 : size, 0 : size] / size
     image = np.stack([xx, yy, ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.1).astype(float)], -1)
     pixels = ((image - 0.45) / 0.25)[None].astype(np.float32)  # (1, H, W, 3)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), pixels)["params"]
@@ -30,7 +29,7 @@ def _smoke(args) -> int:
     out = jax.block_until_ready(forward(params, pixels))
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(forward(params, pixels))
         times.append(time.perf_counter() - t0)
@@ -40,15 +39,14 @@ def _smoke(args) -> int:
     print(f"class_queries_logits  {out.class_queries_logits.shape}")
     print(f"masks_queries_logits  {out.masks_queries_logits.shape}")
     print(f"first call (compile)  {compile_s:.2f} s")
-    print(f"forward, median       {1e3 * float(np.median(times)):.1f} ms over {args.repeats} runs")
+    print(f"forward, median       {1e3 * float(np.median(times)):.1f} ms over {repeats} runs")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="m2f-jax", description=__doc__)
-    parser.add_argument("--size", type=int, default=384, help="square input size (default 384)")
-    parser.add_argument("--repeats", type=int, default=3)
-    return _smoke(parser.parse_args(argv))
+    from m2f_jax.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

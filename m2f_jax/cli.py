@@ -1,0 +1,188 @@
+"""The ``m2f-jax`` command line (also ``python -m m2f_jax``): segment, eval, train, convert, smoke.
+
+Errors the user can fix (missing files, bad arguments, unreadable images) print one line and
+exit non-zero; they never print a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_MODEL = os.path.join(ASSETS, "default_model")
+EXAMPLES = os.path.join(ASSETS, "examples")
+
+
+class UserError(Exception):
+    """An error whose message is the whole story (no traceback)."""
+
+
+def _default_images() -> List[str]:
+    if not os.path.isdir(EXAMPLES):
+        return []
+    return sorted(os.path.join(EXAMPLES, f) for f in os.listdir(EXAMPLES) if f.lower().endswith((".png", ".jpg")))
+
+
+def _load_model(name: Optional[str]):
+    import m2f_jax
+
+    path = name or DEFAULT_MODEL
+    if name is None and not os.path.isdir(DEFAULT_MODEL):
+        raise UserError(f"the embedded default model is missing ({DEFAULT_MODEL}); pass --model")
+    try:
+        return m2f_jax.load(path)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UserError(str(e).splitlines()[0]) from e
+
+
+def cmd_segment(args) -> int:
+    import numpy as np
+
+    from m2f_jax.inference import load_image, segment
+    from m2f_jax.visualize import overlay
+
+    images = args.images or _default_images()
+    if not images:
+        raise UserError("no images given (and no embedded example images found)")
+    model = _load_model(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    loaded, failures = [], 0
+    for path in images:
+        try:
+            loaded.append((path, load_image(path)))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failures += 1
+    thresholds = {} if args.threshold is None else {"threshold": args.threshold}
+    results = segment(model, [a for _, a in loaded], task=args.task, **thresholds) if loaded else []
+    print(f"{'image':<28} {'segments':>8}  top segments (label score area)")
+    for (path, array), result in zip(loaded, results):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        overlay(array, {"segmentation": result["segmentation"], "segments_info": result["segments"]},
+                model.config.id2label).save(os.path.join(args.out, f"{stem}_{args.task}.png"))
+        with open(os.path.join(args.out, f"{stem}_{args.task}.json"), "w") as f:
+            json.dump({"image": path, "task": args.task, "segments": result["segments"]}, f, indent=1)
+        top = sorted(result["segments"], key=lambda s: -s["area"])[:4]
+        desc = ", ".join(f"{s['label']} {s['score']:.2f} {s['area']}" for s in top)
+        print(f"{os.path.basename(path)[:28]:<28} {len(result['segments']):>8}  {desc}")
+    print(f"wrote {2 * len(results)} files to {args.out}")
+    return 1 if failures else 0
+
+
+def cmd_eval(args) -> int:
+    from m2f_jax.training.run import open_dataset
+
+    model = _load_model(args.model)
+    try:
+        dataset = open_dataset(args.data, args.format, args.split)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    from m2f_jax.evaluation.run import evaluate
+
+    metrics = evaluate(model, dataset, task=args.task, fmt=args.format, max_images=args.max_images,
+                       progress=not args.quiet)
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{name:<12} {100 * value:6.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from m2f_jax.training.run import TrainArgs, train
+
+    fields = {f for f in TrainArgs.__dataclass_fields__}
+    targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        summary = train(targs)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    print(json.dumps({k: summary[k] for k in ("step", "val", "export")}))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from convert.__main__ import main as convert_main
+
+    return convert_main([args.src, args.dst, "--to", args.to])
+
+
+def cmd_smoke(args) -> int:
+    from m2f_jax.__main__ import smoke
+
+    return smoke(args.size, args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m2f-jax", description="Mask2Former in JAX: segment, evaluate, train, convert.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("segment", help="segment images; writes an overlay PNG and a JSON of segments per image")
+    p.add_argument("images", nargs="*", help="image files (default: the embedded example images)")
+    p.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded model)")
+    p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="panoptic")
+    p.add_argument("--threshold", type=float, default=None, help="minimum segment score (default 0.5)")
+    p.add_argument("--out", default="m2f_out", help="output folder (default: m2f_out)")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (mIoU, PQ or mask AP)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", choices=("semantic", "panoptic", "instance"), required=True)
+    p.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded model)")
+    p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="semantic")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train or fine-tune on a dataset")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", choices=("semantic", "panoptic", "instance"), default="semantic")
+    p.add_argument("--init", default="tiny", help="preset (tiny, swin-t), config .json, or checkpoint to fine-tune")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="runs/m2f")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=0, help="validation mIoU every N steps (0: at the end)")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--min-scale", type=float, default=0.1)
+    p.add_argument("--max-scale", type=float, default=2.0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a checkpoint folder HF <-> Flax")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=("auto", "flax", "hf"), default="auto")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("smoke", help="random-weights Swin-T forward on a synthetic image: shapes and timing")
+    p.add_argument("--size", type=int, default=384)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_smoke)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["segment"] + list(argv or []))
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
