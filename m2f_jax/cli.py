@@ -178,7 +178,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["segment"] + list(argv or []))
+        # The main job: segment the embedded examples with the embedded model; until that model
+        # ships, the random-weights smoke forward.
+        default = "segment" if os.path.isdir(DEFAULT_MODEL) and _default_images() else "smoke"
+        args = parser.parse_args([default] + list(argv or []))
     try:
         return args.func(args)
     except UserError as e:

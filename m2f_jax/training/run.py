@@ -1,0 +1,237 @@
+"""The training run behind ``m2f-jax train``: data, model init or fine-tune, the jitted step,
+periodic validation mIoU, Orbax checkpoints with exact resume, a JSONL metrics log and the final
+export to the HF layout (transformers loads it)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+FORMATS = ("semantic", "panoptic", "instance")
+
+# Model geometries to start from scratch. "tiny" is the embedded default's geometry.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(
+        backbone_config=dict(model_type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                             window_size=7, drop_path_rate=0.0,
+                             out_features=["stage1", "stage2", "stage3", "stage4"]),
+        hidden_dim=64, feature_size=64, mask_feature_size=64, num_attention_heads=4,
+        encoder_feedforward_dim=128, dim_feedforward=128, encoder_layers=2, decoder_layers=4,
+        num_queries=16, train_num_points=2048,
+    ),
+    "swin-t": dict(
+        backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                             window_size=7, drop_path_rate=0.3,
+                             out_features=["stage1", "stage2", "stage3", "stage4"]),
+    ),
+}
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    data: str
+    format: str = "semantic"
+    init: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 8
+    crop: int = 512
+    lr: float = 1e-4
+    out: str = "runs/m2f"
+    resume: bool = False
+    seed: int = 0
+    max_masks: int = 32
+    val_every: int = 0  # 0: only at the end
+    save_every: int = 500
+    keep: int = 2
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    clip_norm: float = 0.01
+    backbone_multiplier: float = 0.1
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    num_workers: int = 2
+    val_size: Optional[int] = None  # eval resize; default: the crop size
+    progress: bool = True
+
+
+def open_dataset(root: str, fmt: str, split: str):
+    from m2f_jax.data import datasets
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}.")
+    if fmt == "semantic":
+        return datasets.SemanticDataset(root, split)
+    if fmt == "panoptic":
+        return datasets.CocoPanopticDataset(root, split)
+    return datasets.CocoInstanceDataset(root, split)
+
+
+def initial_model(init: str, id2label: Dict[int, str], seed: int):
+    """(config, params): a preset or a config.json from scratch, or a checkpoint to fine-tune
+    (its class head is re-initialised when the dataset's labels differ)."""
+    import jax
+    import jax.numpy as jnp
+
+    from m2f_jax.config import Mask2FormerConfig
+    from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
+
+    params = None
+    if init in PRESETS:
+        config = Mask2FormerConfig.from_dict(dict(PRESETS[init], id2label=id2label))
+    elif os.path.isfile(init) and init.endswith(".json"):
+        with open(init) as f:
+            config = Mask2FormerConfig.from_dict(dict(json.load(f), id2label=id2label, label2id=None))
+    elif os.path.isdir(init) or "/" in init:
+        import m2f_jax
+
+        loaded = m2f_jax.load(init)
+        config, params = loaded.config, jax.tree_util.tree_map(np.asarray, loaded.params)
+        if config.id2label != id2label:
+            config = Mask2FormerConfig.from_dict(dict(config.to_dict(), id2label=id2label, label2id=None))
+            params = dict(params)
+            params.pop("class_predictor")  # new label set: a fresh head below
+    else:
+        raise ValueError(
+            f"--init {init!r} is neither a preset ({', '.join(PRESETS)}), a config .json file, nor a "
+            "checkpoint folder / Hub id."
+        )
+    module = Mask2FormerForUniversalSegmentation(config)
+    dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    fresh = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
+    if params is None:
+        params = fresh
+    elif "class_predictor" not in params:
+        params["class_predictor"] = fresh["class_predictor"]
+    return config, module, params
+
+
+def semantic_target(masks: np.ndarray, class_ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Binary masks + classes -> one label map; pixels in no mask are ignore_index."""
+    target = np.full(masks.shape[1:], ignore_index, np.int64)
+    for m, c in zip(masks, class_ids):
+        target[m] = c
+    return target
+
+
+def validate(forward, params, dataset, size, num_labels: int, max_images: Optional[int] = None) -> Dict[str, float]:
+    """mIoU (detectron2's definition) of the semantic post-processing on a dataset split."""
+    from m2f_jax.data.augment import EvalTransform
+    from m2f_jax.evaluation.semantic import SemanticEvaluator
+    from m2f_jax.processing.post_processing import post_process_semantic_segmentation
+
+    transform = EvalTransform(size)
+    evaluator = SemanticEvaluator(num_labels, ignore_index=255)
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for i in range(count):
+        example = dataset[i]
+        item = transform(example)
+        mask = item["pixel_mask"]
+        valid = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
+        out = forward(params, item["pixel_values"][None])
+        pred = post_process_semantic_segmentation(
+            {"class_queries_logits": np.asarray(out.class_queries_logits),
+             "masks_queries_logits": np.asarray(out.masks_queries_logits)},
+            target_sizes=[example["image"].shape[:2]], valid_sizes=[valid], padded_size=tuple(transform.output_size),
+        )[0]
+        evaluator.update(np.asarray(pred), semantic_target(example["masks"], example["class_ids"]))
+    result = evaluator.compute()
+    return {"mIoU": float(result["mIoU"]), "pACC": float(result["pACC"])}
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+
+    def update(self, step: int, metrics: Dict[str, float], images_per_s: float):
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * step / max(self.total, 1))
+        line = (f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {metrics['loss']:.3f} "
+                f"lr {metrics['learning_rate']:.2e} {images_per_s:.1f} img/s")
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if step >= self.total:
+            sys.stderr.write("\n")
+
+
+def train(args: TrainArgs) -> Dict[str, Any]:
+    """Runs training; returns a summary (final metrics, validation, paths)."""
+    import jax
+
+    from convert.folders import save_hf_folder
+    from m2f_jax.data.augment import TrainTransform
+    from m2f_jax.data.pipeline import BatchIterator
+    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+    from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
+    from m2f_jax.training.criterion import LossConfig
+    from m2f_jax.training.optimizer import make_optimizer
+    from m2f_jax.training.train_step import TrainState, make_train_step
+
+    train_set = open_dataset(args.data, args.format, "train")
+    val_set = open_dataset(args.data, args.format, "val")
+    id2label = {int(k): v for k, v in train_set.id2label.items()}
+    config, module, params = initial_model(args.init, id2label, args.seed)
+    optimizer = make_optimizer(
+        params, learning_rate=args.lr, weight_decay=args.weight_decay, backbone_multiplier=args.backbone_multiplier,
+        clip_norm=args.clip_norm, total_steps=args.steps, warmup_steps=args.warmup_steps,
+    )
+    state = TrainState.create(params, optimizer.tx, args.seed)
+    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer), donate_argnums=0)
+    forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
+
+    os.makedirs(args.out, exist_ok=True)
+    manager = CheckpointManager(os.path.join(args.out, "checkpoints"), save_every=args.save_every, keep=args.keep)
+    data_state = None
+    if args.resume:
+        restored = manager.restore_latest(abstract_state(state))
+        if restored is not None:
+            state, extra = restored
+            data_state = extra.get("data")
+            print(f"resumed from step {int(state.step)}", file=sys.stderr)
+    transform = TrainTransform(crop_size=args.crop, min_scale=args.min_scale, max_scale=args.max_scale)
+    batches = BatchIterator(
+        train_set, args.batch_size, transform, max_masks=args.max_masks, seed=args.seed,
+        num_workers=args.num_workers, process_index=jax.process_index(), process_count=jax.process_count(),
+        state=data_state,
+    )
+    log_path = os.path.join(args.out, "metrics.jsonl")
+    progress = _Progress(args.steps, args.progress)
+    val_size = args.val_size or args.crop
+    val_every = args.val_every or args.steps
+    last, val_metrics = {}, {}
+    t_last = time.perf_counter()
+    with open(log_path, "a") as log, batches:
+        while int(state.step) < args.steps:
+            batch = next(batches)
+            batch = {k: batch[k] for k in ("pixel_values", "mask_labels", "class_labels", "label_valid")}
+            state, metrics = step_fn(state, batch)
+            step = int(state.step)
+            last = {k: float(v) for k, v in metrics.items()}
+            now = time.perf_counter()
+            images_per_s = args.batch_size / max(now - t_last, 1e-9)
+            t_last = now
+            record = {"step": step, **last, "images_per_s": images_per_s}
+            if step % val_every == 0 or step == args.steps:
+                val_metrics = validate(forward, state.params, val_set, val_size, config.num_labels)
+                record.update({f"val_{k}": v for k, v in val_metrics.items()})
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.update(step, last, images_per_s)
+            if step % args.save_every == 0 or step == args.steps:
+                manager.save(step, state, {"data": batches.state(), "config": config.to_dict()},
+                             force=step == args.steps)
+    manager.wait_until_finished()
+    manager.close()
+
+    export = os.path.join(args.out, "hf")
+    save_hf_folder(jax.tree_util.tree_map(np.asarray, state.params), config, export)
+    Mask2FormerImageProcessor(
+        size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
+    ).save_pretrained(export)
+    return {"step": int(state.step), "train": last, "val": val_metrics, "export": export, "log": log_path}
