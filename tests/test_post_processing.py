@@ -179,7 +179,7 @@ def test_semantic_scores_match_transformers_atol_1e5():
         assert_semantic_equal(our.segmentation, their.segmentation_scores)
 
 
-@pytest.mark.parametrize("target_sizes", [None, TARGETS, [(500, 420), (200, 150)]])
+@pytest.mark.parametrize("target_sizes", [None, TARGETS, [(300, 500), (17, 9)]])
 def test_semantic_pruned_path_matches_transformers(target_sizes, monkeypatch):
     """Model-like logits take the two-phase argmax (bounds, then exact scores where undecided)."""
     class_logits, mask_logits = model_like_logits(2, [[0, 3, 5, 7, 11], [1, 1, 2, 19, 4]])
@@ -303,7 +303,7 @@ def test_instance_no_detection_and_flags():
         (0.5, 0.5, 0.8, None),
         (0.8, 0.5, 0.8, TARGETS),
         (0.3, 0.3, 0.5, TARGETS),
-        (0.5, 0.7, 0.95, [(400, 500), (17, 9)]),
+        (0.5, 0.7, 0.95, [(300, 500), (17, 9)]),
     ],
 )
 def test_panoptic_matches_transformers(threshold, mask_threshold, overlap, target_sizes):
@@ -320,6 +320,22 @@ def test_panoptic_matches_transformers(threshold, mask_threshold, overlap, targe
     for our, their in zip(ours, theirs):
         assert_panoptic_equal(our, their)
     assert any(len(their["segments_info"]) >= 3 for their in theirs)
+
+
+def test_panoptic_tiled_path_is_taken(monkeypatch):
+    """Model-like logits: most output tiles are decided by bounds, the dense resize never runs,
+    and the result is transformers'. (Random logits, next test, take the dense path.)"""
+    class_logits, mask_logits = model_like_logits(21, [[0, 3, 5, 7, 11, 2, 9, 4], [1, 2, 9, 4, 6, 8, 10, 12]])
+    kwargs = dict(target_sizes=[(300, 500), (300, 500)])
+    dense_calls = []
+    original_dense = pp._panoptic_dense
+    monkeypatch.setattr(pp, "_panoptic_dense", lambda *a: dense_calls.append(1) or original_dense(*a))
+    ours = pp.post_process_panoptic_segmentation(our_outputs(class_logits, mask_logits), **kwargs)
+    assert not dense_calls
+    theirs = HF.post_process_panoptic_segmentation(hf_outputs(class_logits, mask_logits), **kwargs)
+    for our, their in zip(ours, theirs):
+        assert_panoptic_equal(our, their)
+        assert len(their["segments_info"]) >= 5
 
 
 def test_panoptic_random_logits_matches_transformers():
@@ -413,24 +429,16 @@ def test_intermediate_size_matches_transformers_with_that_size(intermediate_size
             theirs_out, target_sizes=target_sizes, return_segmentation_scores=True
         )
         their_pan = HF.post_process_panoptic_segmentation(theirs_out, target_sizes=target_sizes)
-        their_ins = HF.post_process_instance_segmentation(
-            theirs_out, target_sizes=target_sizes, return_binary_maps=True
-        )
         their_sem_native = HF.post_process_semantic_segmentation(theirs_out, return_segmentation_scores=True)
     for our, their in zip(pp.post_process_semantic_segmentation(ours_out, **kwargs), their_sem):
         assert_semantic_equal(our, their.segmentation_scores)
     for our, their in zip(pp.post_process_panoptic_segmentation(ours_out, **kwargs), their_pan):
         assert_panoptic_equal(our, their)
-    our_ins = pp.post_process_instance_segmentation(ours_out, return_binary_maps=True, **kwargs)
-    for our, their in zip(our_ins, their_ins):
-        for i, j in match_instances(our["segments_info"], their["segments_info"]):
-            np.testing.assert_array_equal(our["segmentation"][i], their["segmentation"][j].numpy())
-    # without target sizes the maps stay at the intermediate size (the mask size when None)
-    native = pp.post_process_semantic_segmentation(ours_out, intermediate_size=intermediate_size)
-    expected_size = intermediate_size or mask_logits.shape[2:]
-    for our, their in zip(native, their_sem_native):
-        assert our.shape == tuple(expected_size)
-        assert_semantic_equal(our, their.segmentation_scores)
+    if intermediate_size is None:  # without target sizes the maps stay at the mask size
+        native = pp.post_process_semantic_segmentation(ours_out, intermediate_size=None)
+        for our, their in zip(native, their_sem_native):
+            assert our.shape == mask_logits.shape[2:]
+            assert_semantic_equal(our, their.segmentation_scores)
 
 
 def _pad(mask_logits, canvas, fill_seed=99):
@@ -444,32 +452,27 @@ def _pad(mask_logits, canvas, fill_seed=99):
 def test_valid_sizes_equal_running_on_the_unpadded_logits():
     """Image 0 has 20x24 logits (an 80x96 input), image 1 has 28x16 (112x64); the batch was padded
     to 32x32 logits (a 128x128 input). Cropping each to its valid region must give what each image
-    gives alone, for all three functions."""
+    gives alone (oracle: transformers on the unpadded logits)."""
     alone = [model_like_logits(14, [[0, 3, 5]], size=(20, 24)), model_like_logits(15, [[1, 2, 7]], size=(28, 16))]
     class_logits = np.concatenate([c for c, _ in alone])
-    padded = np.concatenate([_pad(m, (32, 32)) for _, m in alone])
-    batch = our_outputs(class_logits, padded)
-    valid = dict(valid_sizes=[(80, 96), (112, 64)])  # padded_size defaults to 4 x 32
-    targets = TARGETS
+    batch = our_outputs(class_logits, np.concatenate([_pad(m, (32, 32)) for _, m in alone]))
+    kwargs = dict(valid_sizes=[(80, 96), (112, 64)], target_sizes=TARGETS)  # padded_size: 4 x 32
+    semantic = pp.post_process_semantic_segmentation(batch, **kwargs)
+    panoptic = pp.post_process_panoptic_segmentation(batch, **kwargs)
+    instance = pp.post_process_instance_segmentation(batch, return_binary_maps=True, **kwargs)
     for i, (single_class, single_mask) in enumerate(alone):
-        single = our_outputs(single_class, single_mask)
-        t = dict(target_sizes=[targets[i]])
-        sem_batch = pp.post_process_semantic_segmentation(batch, target_sizes=targets, **valid)[i]
-        np.testing.assert_array_equal(sem_batch, pp.post_process_semantic_segmentation(single, **t)[0])
-        pan_batch = pp.post_process_panoptic_segmentation(batch, target_sizes=targets, **valid)[i]
-        pan_single = pp.post_process_panoptic_segmentation(single, **t)[0]
-        assert pan_batch["segments_info"] == pan_single["segments_info"] and pan_single["segments_info"]
-        np.testing.assert_array_equal(pan_batch["segmentation"], pan_single["segmentation"])
-        ins_batch = pp.post_process_instance_segmentation(batch, target_sizes=targets, **valid)[i]
-        ins_single = pp.post_process_instance_segmentation(single, **t)[0]
-        assert ins_batch["segments_info"] == ins_single["segments_info"] and ins_single["segments_info"]
-        np.testing.assert_array_equal(ins_batch["segmentation"], ins_single["segmentation"])
-        # and the single image agrees with transformers
-        their = HF.post_process_panoptic_segmentation(hf_outputs(single_class, single_mask), **t)[0]
-        assert_panoptic_equal(pan_single, their)
-    # without valid_sizes the padding leaks into the result
-    leaked = pp.post_process_semantic_segmentation(batch, target_sizes=targets)[0]
-    assert np.any(leaked != pp.post_process_semantic_segmentation(our_outputs(*alone[0]), target_sizes=targets[:1])[0])
+        single, target = hf_outputs(single_class, single_mask), dict(target_sizes=TARGETS[i : i + 1])
+        their_sem = HF.post_process_semantic_segmentation(single, return_segmentation_scores=True, **target)[0]
+        assert_semantic_equal(semantic[i], their_sem.segmentation_scores)
+        their_pan = HF.post_process_panoptic_segmentation(single, **target)[0]
+        assert_panoptic_equal(panoptic[i], their_pan)
+        assert their_pan["segments_info"]
+        their_ins = HF.post_process_instance_segmentation(single, return_binary_maps=True, **target)[0]
+        for j, k in match_instances(instance[i]["segments_info"], their_ins["segments_info"]):
+            np.testing.assert_array_equal(instance[i]["segmentation"][j], their_ins["segmentation"][k].numpy())
+        # without valid_sizes the padding leaks into the result
+        leaked = pp.post_process_semantic_segmentation(batch, target_sizes=TARGETS)[i]
+        assert np.any(leaked != their_sem.segmentation.numpy())
 
 
 def test_fractional_valid_size_resamples_the_exact_region():

@@ -745,6 +745,14 @@ class Mask2FormerImageProcessor:
         settings.update({name: value for name, value in overrides.items() if value is not None})
         return _validated_settings(settings)
 
+    @staticmethod
+    def _pixel_table(image: np.ndarray, cfg) -> np.ndarray:
+        if cfg["do_rescale"]:
+            image = rescale(image, cfg["rescale_factor"])
+        if cfg["do_normalize"]:
+            image = normalize(image, cfg["image_mean"], cfg["image_std"])
+        return image
+
     def preprocess(
         self,
         images,
@@ -827,12 +835,19 @@ class Mask2FormerImageProcessor:
         pixel_values = np.zeros((*padded_shape, num_channels), np.float32)  # (B, Hp, Wp, C)
         pixel_mask = np.zeros(padded_shape, np.int64)  # (B, Hp, Wp)
         for i, image in enumerate(image_list):
-            if cfg["do_rescale"]:
-                image = rescale(image, cfg["rescale_factor"])
-            if cfg["do_normalize"]:
-                image = normalize(image, cfg["image_mean"], cfg["image_std"])
-            height, width = image.shape[:2]
-            pixel_values[i, :height, :width] = image
+            if image.dtype == np.uint8 and (cfg["do_rescale"] or cfg["do_normalize"]):
+                # One table lookup instead of two float passes: the 256 values of each channel
+                # go through exactly the same rescale/normalize arithmetic, so this is bit-equal.
+                levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], num_channels, axis=2)
+                table = self._pixel_table(levels, cfg)[:, 0, :]  # (256, C)
+                height, width = image.shape[:2]
+                target = pixel_values[i, :height, :width]  # (H, W, C) view
+                for c in range(num_channels):
+                    target[..., c] = np.take(table[:, c], image[..., c])
+            else:
+                image = self._pixel_table(image, cfg)
+                height, width = image.shape[:2]
+                pixel_values[i, :height, :width] = image
             pixel_mask[i, :height, :width] = 1
         if return_channels_first:
             pixel_values = pixel_values.transpose(0, 3, 1, 2)  # (B, C, Hp, Wp)

@@ -45,8 +45,10 @@ bucketed to multiples of 32 and query / pixel counts to a few sizes to keep comp
 Instance and panoptic only upsample the queries that can pass the thresholds. The semantic argmax
 (without scores) first bounds every class score from the few significant queries and candidate
 classes, and computes exact scores only where the bounds do not decide (segment boundaries);
-all of this is exact (see `_semantic_plan`), only faster on model-like outputs. The first call
-for a new shape pays the compiles (seconds on a 2-core machine).
+panoptic with a target size decides 16x16 output tiles from per-query bounds and resizes only
+the undecided tiles' candidate queries. Both are exact (see `_semantic_plan`, `_panoptic_tiled`),
+only faster on model-like outputs; unstructured logits fall back to the plain dense algorithm.
+The first call for a new shape pays the compiles (seconds on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -336,12 +338,13 @@ class _Geometry:
         return rows0, rows1, cols0, cols1
 
     def tile_windows(self):
-        """Footprint rows (tiles_y, L) and columns (tiles_x, M) of each output tile on the
-        base grid (what the second resize reads for it), padded by repeating the last one."""
+        """Footprint rows (tiles_y, L) and columns (tiles_x, M) of each output tile on the mask
+        logit grid (what the two resizes read for it), padded by repeating the last one."""
         windows = []
         for axis in (0, 1):
-            index0, index1 = self.second_taps()[axis][:2]
-            starts, ends = index0[::_TILE], index1[_TILE - 1 :: _TILE]
+            base0, base1 = self.second_taps()[axis][:2]  # output -> base
+            logit0, logit1 = self.first_taps()[axis][:2]  # base -> mask logits
+            starts, ends = logit0[base0[::_TILE]], logit1[base1[_TILE - 1 :: _TILE]]
             length = int((ends - starts).max()) + 1
             windows.append(np.minimum(starts[:, None] + np.arange(length), ends[:, None]).astype(np.int32))
         return tuple(windows)
@@ -573,37 +576,33 @@ def _panoptic_finish(weighted_probs, valid_hw, mask_threshold):
     return owner, area, original_area
 
 
-# Panoptic with a target size, by 16x16 output tiles. Every output value of a query is a convex
-# combination of its score-weighted base probabilities in the tile's footprint, so the footprint's
-# min / max bound it. Where one query's lower bound beats every other query's upper bound and no
-# query straddles `mask_threshold`, the tile's owner and thresholded areas are known without
-# resizing; the other tiles (segment boundaries) are resized exactly, for their candidate queries
-# only. Exact, like the dense path; much less work on model-like outputs.
+# Panoptic with a target size, by 16x16 output tiles. Every output value of a query lies between
+# its score-weighted sigmoids of the min and max mask logit in the tile's footprint. Where one
+# query's lower bound beats every other query's upper bound and no query straddles
+# `mask_threshold`, the tile's owner and thresholded areas are known without resizing; the other
+# tiles (segment boundaries) are resized exactly, for their candidate queries only. Exact, like
+# the dense path; much less work on model-like outputs.
 _TILE = 16  # output tile side; output buckets (multiples of 32) are multiples of it
 _PANOPTIC_MARGIN = 1e-5  # relative float32 error allowed between bounds and resized values
 _SMALL_TILE_GROUP = 4  # undecided tiles with at most this many candidates are computed together
 _TILE_MAX_WORK = 0.5  # fall back to the dense path above this share of its per-pixel work
 
 
-def _unrolled_extremes(stack):
-    """Elementwise (max, min) over a Python list of same-shape arrays, as one fused pass."""
-    high = low = stack[0]
-    for item in stack[1:]:
-        high, low = jnp.maximum(high, item), jnp.minimum(low, item)
-    return high, low
-
-
 @jax.jit
-def _panoptic_tile_bounds(probs, score, row_window, col_window):
-    """(N, tiles_y, tiles_x) max and min of the score-weighted base probabilities over each
-    tile's footprint; row_window (tiles_y, L) / col_window (tiles_x, M) list the footprint rows /
-    columns (repeating the last one)."""
-    weighted = probs * score[:, None, None]  # (N, Hb, Wb)
-    rows = [jnp.take(weighted, row_window[:, k], axis=1) for k in range(row_window.shape[1])]
-    row_high, row_low = _unrolled_extremes(rows)  # (N, tiles_y, Wb)
-    high, _ = _unrolled_extremes([jnp.take(row_high, col_window[:, k], axis=2) for k in range(col_window.shape[1])])
-    _, low = _unrolled_extremes([jnp.take(row_low, col_window[:, k], axis=2) for k in range(col_window.shape[1])])
-    return high, low
+def _panoptic_tile_bounds(query_logits, score, row_window, col_window):
+    """(N, tiles_y, tiles_x) upper and lower bounds of each query's score-weighted probability
+    over each output tile. A resized probability is a convex combination of sigmoids of convex
+    combinations of mask logits, so the sigmoid of the max / min logit over the tile's footprint
+    on the mask logit grid bounds it (row_window (tiles_y, L) / col_window (tiles_x, M) list the
+    footprint rows / columns, repeating the last one). Cheap: it reads the small logit grid."""
+    num_queries, tiles_y, tiles_x = query_logits.shape[0], row_window.shape[0], col_window.shape[0]
+    rows = jnp.take(query_logits, row_window.reshape(-1), axis=1)
+    rows = rows.reshape(num_queries, tiles_y, -1, query_logits.shape[2])  # (N, tiles_y, L, w)
+    row_high, row_low = rows.max(axis=2), rows.min(axis=2)  # (N, tiles_y, w)
+    high = jnp.take(row_high, col_window.reshape(-1), axis=2).reshape(num_queries, tiles_y, tiles_x, -1).max(axis=3)
+    low = jnp.take(row_low, col_window.reshape(-1), axis=2).reshape(num_queries, tiles_y, tiles_x, -1).min(axis=3)
+    scale = score[:, None, None]
+    return jax.nn.sigmoid(high) * scale, jax.nn.sigmoid(low) * scale
 
 
 @jax.jit
@@ -615,11 +614,12 @@ def _panoptic_tile_exact(probs, score, tile_y, tile_x, candidates, second, valid
     x = tile_x[:, None] * _TILE + jnp.arange(_TILE)
     (r0, r1, h0, h1), (c0, c1, w0, w1) = (tuple(part[index] for part in taps) for taps, index in zip(second, (y, x)))
     slot = jnp.maximum(candidates, 0)  # (U, C)
-    flat = probs.reshape(probs.shape[0], -1)
-    base_w = probs.shape[2]
+    flat = probs.reshape(-1)
+    base_h, base_w = probs.shape[1:]
 
     def at(r, c):  # (U, C, T, T)
-        return flat[slot[:, :, None, None], (r[:, :, None] * base_w + c[:, None, :])[:, None]]
+        pixel = r[:, :, None] * base_w + c[:, None, :]  # (U, T, T)
+        return jnp.take(flat, slot[:, :, None, None] * (base_h * base_w) + pixel[:, None], mode="clip")
 
     def weight(w, axis):
         return w[:, None, :, None] if axis == 0 else w[:, None, None, :]
@@ -955,6 +955,10 @@ def _panoptic_dense(query_logits, scores, geometry, mask_threshold32):
     return _panoptic_finish(probs, geometry.output_size_array(), mask_threshold32)
 
 
+def _pow2_bucket(count: int) -> int:
+    return 1 << max(2, (count - 1).bit_length())
+
+
 def _panoptic_tiled(query_logits, probs, scores, num_real, bounds, geometry, mask_threshold32):
     """Owner map and areas from the tile bounds (see `_panoptic_tile_bounds`), resizing exactly
     only the undecided tiles; the dense path when that would not save at least half the work."""
@@ -974,8 +978,8 @@ def _panoptic_tiled(query_logits, probs, scores, num_real, bounds, geometry, mas
     # undecided tiles in two groups by number of candidates, each padded to a bucketed width
     num_candidates = candidates[undecided].sum(axis=1)
     groups = [undecided[num_candidates <= _SMALL_TILE_GROUP], undecided[num_candidates > _SMALL_TILE_GROUP]]
-    widths = [_SMALL_TILE_GROUP, _count_bucket(int(num_candidates.max(initial=1)))]
-    work = sum(_count_bucket(group.size) * width for group, width in zip(groups, widths) if group.size)
+    widths = [_SMALL_TILE_GROUP, _pow2_bucket(int(num_candidates.max(initial=1)))]
+    work = sum(_pow2_bucket(group.size) * width for group, width in zip(groups, widths) if group.size)
     if work > _TILE_MAX_WORK * slots * decided.size:
         return _panoptic_dense(query_logits, scores, geometry, mask_threshold32)
 
@@ -992,9 +996,10 @@ def _panoptic_tiled(query_logits, probs, scores, num_real, bounds, geometry, mas
         if not group.size:
             continue
         # candidate slots in ascending order (the argmax tie rule), padded with -1
-        order = np.argsort(~candidates[group], axis=1, kind="stable")[:, :width]
+        order = np.argsort(~candidates[group], axis=1, kind="stable")
+        order = np.pad(order, ((0, 0), (0, max(0, width - slots))))[:, :width]
         lists = np.where(np.arange(width) < candidates[group].sum(axis=1, keepdims=True), order, -1).astype(np.int32)
-        count = _count_bucket(group.size)
+        count = _pow2_bucket(group.size)  # coarse buckets: few compiles
         tiles = _padded(group, count)
         lists = np.concatenate([lists, np.repeat(lists[-1:], count - group.size, axis=0)])
         tile_y, tile_x = (tiles // tiles_x).astype(np.int32), (tiles % tiles_x).astype(np.int32)
@@ -1070,7 +1075,7 @@ def post_process_panoptic_segmentation(
             pending.append(_panoptic_dense(query_logits, scores, geometry, mask_threshold32))
             continue
         probs = _resize_hw(query_logits, geometry.first, sigmoid=True)  # (N, Hb, Wb)
-        bounds = _panoptic_tile_bounds(probs, scores, *geometry.tile_windows())
+        bounds = _panoptic_tile_bounds(query_logits, scores, *geometry.tile_windows())
         pending.append(("tiles", query_logits, probs, scores, kept.size, bounds))
     for i, (geometry, item) in enumerate(zip(geometries, pending)):
         if item is not None and item[0] == "tiles":
