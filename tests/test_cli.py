@@ -1,0 +1,40 @@
+"""The m2f-jax command line: outputs written, clear one-line errors, no tracebacks."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "m2f_jax", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_segment_writes_overlays_and_json_and_survives_a_bad_image(tiny_checkpoint, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint[0], model)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}, size_divisor=0).save_pretrained(str(model))
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    r = _run("segment", str(good), str(bad), "--model", str(model), "--task", "instance",
+             "--threshold", "0", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1, r.stderr  # one image failed, the other was written
+    assert "Traceback" not in r.stderr and "bad.png" in r.stderr
+    written = json.load(open(tmp_path / "out" / "good_instance.json"))
+    assert written["segments"] and {"id", "label_id", "label", "score", "area"} <= set(written["segments"][0])
+    assert Image.open(tmp_path / "out" / "good_instance.png").size == (56, 40)
+
+
+def test_missing_model_and_bad_arguments_are_one_line_errors(tmp_path):
+    r = _run("segment", "x.png", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = _run("eval", "--format", "semantic")
+    assert r.returncode == 2 and "--data" in r.stderr and "Traceback" not in r.stderr
