@@ -2,7 +2,10 @@
 (m2f_jax/assets/examples): the "tiny" preset from scratch on this project's synthetic COCO-panoptic
 dataset, then exported in the HF layout with a 96x96 preprocessor config.
 
-    python scripts/train_default_model.py [--steps 400] [--work /tmp/m2f_default]
+The shipped model was made in two runs (the second continues from the first's export):
+
+    python scripts/train_default_model.py --steps 300 --lr 3e-4
+    python scripts/train_default_model.py --steps 400 --lr 1e-4 --init /tmp/m2f_default/run_tiny/hf
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--work", default="/tmp/m2f_default")
+    parser.add_argument("--init", default="tiny", help="preset, or a checkpoint to continue from")
+    parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     from m2f_jax.data.synthetic import write_dataset
@@ -26,10 +31,11 @@ def main():
     from m2f_jax.training.run import TrainArgs, train
 
     data = os.path.join(args.work, "data")
-    write_dataset(data, num_train=256, num_val=16, image_size=(SIZE, SIZE), seed=0, formats=("panoptic",))
+    if not os.path.isdir(data):
+        write_dataset(data, num_train=256, num_val=16, image_size=(SIZE, SIZE), seed=0, formats=("panoptic",))
     summary = train(TrainArgs(
-        data=data, format="panoptic", init="tiny", steps=args.steps, batch_size=8, crop=SIZE, lr=3e-4,
-        out=os.path.join(args.work, "run"), min_scale=0.5, max_scale=1.5, clip_norm=1.0,
+        data=data, format="panoptic", init=args.init, steps=args.steps, batch_size=8, crop=SIZE, lr=args.lr,
+        out=os.path.join(args.work, f"run_{args.init.replace('/', '_')}"), min_scale=0.5, max_scale=1.5, clip_norm=1.0,
         backbone_multiplier=1.0, save_every=100, num_workers=1,
     ))
     print(summary)

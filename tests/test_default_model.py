@@ -11,8 +11,8 @@ from m2f_jax.cli import DEFAULT_MODEL, EXAMPLES, _default_images
 from m2f_jax.data.datasets import CocoPanopticDataset
 from m2f_jax.data.synthetic import write_dataset
 
-# Measured with the shipped model: see the README ("Embedded default model").
-MIN_MATCHED_FRACTION = 0.6
+# Measured with the shipped model: 10 of 16 (0.625); see the README ("Embedded default model").
+MIN_MATCHED_FRACTION = 0.55
 
 
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_MODEL), reason="no embedded default model in this checkout")
