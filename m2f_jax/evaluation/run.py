@@ -8,19 +8,9 @@ Instance predictions are the visible part of each instance in ``segment``'s id m
 """
 from __future__ import annotations
 
-import sys
 from typing import Dict, Optional
 
 import numpy as np
-
-
-def _progress(i: int, total: int, enabled: bool):
-    if enabled:
-        done = int(24 * i / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (24 - done)}] {i}/{total}")
-        if i == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
@@ -28,7 +18,7 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
     from m2f_jax.evaluation.panoptic import PanopticEvaluator
     from m2f_jax.evaluation.semantic import SemanticEvaluator
     from m2f_jax.inference import segment
-    from m2f_jax.training.run import semantic_target
+    from m2f_jax.training.run import semantic_target, write_progress
 
     num_labels = model.config.num_labels
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
@@ -64,7 +54,8 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
                 {"mask": seg == s["id"], "score": s["score"], "category_id": s["label_id"] + 1}
                 for s in result["segments"]
             ])
-        _progress(i + 1, count, progress)
+        if progress:
+            write_progress(i + 1, count)
 
     if task == "instance":
         from m2f_jax.evaluation.instance import InstanceEvaluator, coco_instance_ground_truth

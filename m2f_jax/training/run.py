@@ -101,12 +101,14 @@ def initial_model(init: str, id2label: Dict[int, str], seed: int):
             "checkpoint folder / Hub id."
         )
     module = Mask2FormerForUniversalSegmentation(config)
-    dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    fresh = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
-    if params is None:
-        params = fresh
-    elif "class_predictor" not in params:
-        params["class_predictor"] = fresh["class_predictor"]
+    if params is None or "class_predictor" not in params:
+        # Compiling init costs tens of seconds on CPU: only when something needs fresh weights.
+        dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+        fresh = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
+        if params is None:
+            params = fresh
+        else:
+            params["class_predictor"] = fresh["class_predictor"]
     return config, module, params
 
 
@@ -143,21 +145,13 @@ def validate(forward, params, dataset, size, num_labels: int, max_images: Option
     return {"mIoU": float(result["mIoU"]), "pACC": float(result["pACC"])}
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
-
-    def update(self, step: int, metrics: Dict[str, float], images_per_s: float):
-        if not self.enabled:
-            return
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        line = (f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {metrics['loss']:.3f} "
-                f"lr {metrics['learning_rate']:.2e} {images_per_s:.1f} img/s")
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        if step >= self.total:
-            sys.stderr.write("\n")
+def write_progress(done: int, total: int, suffix: str = "") -> None:
+    """A one-line text progress bar on stderr, rewritten in place; ends the line when done."""
+    filled = int(24 * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {done}/{total}{suffix}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def train(args: TrainArgs) -> Dict[str, Any]:
@@ -201,7 +195,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         state=data_state,
     )
     log_path = os.path.join(args.out, "metrics.jsonl")
-    progress = _Progress(args.steps, args.progress)
     val_size = args.val_size or args.crop
     val_every = args.val_every or args.steps
     last, val_metrics = {}, {}
@@ -222,7 +215,9 @@ def train(args: TrainArgs) -> Dict[str, Any]:
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
             log.write(json.dumps(record) + "\n")
             log.flush()
-            progress.update(step, last, images_per_s)
+            if args.progress:
+                write_progress(step, args.steps, f" loss {last['loss']:.3f} lr {last['learning_rate']:.2e} "
+                                                 f"{images_per_s:.1f} img/s")
             if step % args.save_every == 0 or step == args.steps:
                 manager.save(step, state, {"data": batches.state(), "config": config.to_dict()},
                              force=step == args.steps)
