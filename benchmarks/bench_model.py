@@ -66,6 +66,28 @@ def _hf_model():
     return transformers.Mask2FormerForUniversalSegmentation(config).eval()
 
 
+def timing_result(result: dict, times, batch: int, mem: PeakRSS) -> dict:
+    """``result`` plus median seconds, images/s and the peak memory increase in MB."""
+    result["median_s"] = float(np.median(times))
+    result["images_per_s"] = batch / result["median_s"]
+    result["peak_mem_mb"] = (mem.peak - mem.base) / 2**20
+    return result
+
+
+def jax_model(torch_model):
+    """(Flax module, device params) with the transformers model's config and weights."""
+    import jax
+
+    from convert.folders import param_shapes
+    from convert.mapping import hf_to_flax
+    from m2f_jax.config import Mask2FormerConfig
+    from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
+
+    config = Mask2FormerConfig.from_dict(torch_model.config.to_dict())
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    return Mask2FormerForUniversalSegmentation(config), jax.device_put(hf_to_flax(state, param_shapes(config)))
+
+
 def worker(framework, height, width, batch, repeats, threads) -> dict:
     x = np.random.default_rng(0).normal(size=(batch, height, width, 3)).astype(np.float32)
     torch_model = _hf_model()
@@ -86,17 +108,8 @@ def worker(framework, height, width, batch, repeats, threads) -> dict:
     else:
         import jax
 
-        from convert.folders import param_shapes
-        from convert.mapping import hf_to_flax
-        from m2f_jax.config import Mask2FormerConfig
-        from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
-
-        config = Mask2FormerConfig.from_dict(torch_model.config.to_dict())
-        state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+        module, params = jax_model(torch_model)
         del torch_model
-        params = jax.device_put(hf_to_flax(state, param_shapes(config)))
-        del state
-        module = Mask2FormerForUniversalSegmentation(config)
         forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
         xj = jax.device_put(x)
         t0 = time.perf_counter()
@@ -108,10 +121,7 @@ def worker(framework, height, width, batch, repeats, threads) -> dict:
                 t0 = time.perf_counter()
                 jax.block_until_ready(forward(params, xj))
                 times.append(time.perf_counter() - t0)
-    result["median_s"] = float(np.median(times))
-    result["images_per_s"] = batch / result["median_s"]
-    result["peak_mem_mb"] = (mem.peak - mem.base) / 2**20
-    return result
+    return timing_result(result, times, batch, mem)
 
 
 def main():

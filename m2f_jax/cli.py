@@ -38,6 +38,18 @@ def _load_model(name: Optional[str]):
         raise UserError(str(e).splitlines()[0]) from e
 
 
+def _upscaled(array, min_side: int):
+    """The image repeated by the smallest integer factor that brings its short side to
+    ``min_side`` (pixel replication; the overlay resizes the map to it the same way), so that
+    labels stay legible on small images; unchanged when already large enough or min_side is 0."""
+    import numpy as np
+
+    factor = -(-min_side // min(array.shape[:2])) if min_side > 0 else 1
+    if factor <= 1:
+        return array
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
 def cmd_segment(args) -> int:
     import numpy as np
 
@@ -61,7 +73,8 @@ def cmd_segment(args) -> int:
     print(f"{'image':<28} {'segments':>8}  top segments (label score area)")
     for (path, array), result in zip(loaded, results):
         stem = os.path.splitext(os.path.basename(path))[0]
-        overlay(array, {"segmentation": result["segmentation"], "segments_info": result["segments"]},
+        overlay(_upscaled(array, args.min_overlay_size),
+                {"segmentation": result["segmentation"], "segments_info": result["segments"]},
                 model.config.id2label).save(os.path.join(args.out, f"{stem}_{args.task}.png"))
         with open(os.path.join(args.out, f"{stem}_{args.task}.json"), "w") as f:
             json.dump({"image": path, "task": args.task, "segments": result["segments"]}, f, indent=1)
@@ -103,7 +116,7 @@ def cmd_train(args) -> int:
         summary = train(targs)
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
-    print(json.dumps({k: summary[k] for k in ("step", "val", "export")}))
+    print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export")}))
     return 0
 
 
@@ -129,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="panoptic")
     p.add_argument("--threshold", type=float, default=None, help="minimum segment score (default 0.5)")
     p.add_argument("--out", default="m2f_out", help="output folder (default: m2f_out)")
+    p.add_argument("--min-overlay-size", type=int, default=256,
+                   help="small images are drawn enlarged by an integer factor up to this short side, "
+                        "so labels stay legible (default 256; 0: always the image's own size)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (mIoU, PQ or mask AP)")
@@ -154,11 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=0, help="validation mIoU every N steps (0: at the end)")
+    p.add_argument("--val-first", action="store_true", help="also validate the initial weights (a baseline)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--min-scale", type=float, default=0.1)
     p.add_argument("--max-scale", type=float, default=2.0)
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-points", type=int, default=None,
+                   help="points sampled per mask for the loss (default: the config's train_num_points)")
+    p.add_argument("--max-masks", type=int, default=32, help="targets per image, padded to this static size")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-norm", type=float, default=0.01, help="full-model gradient clipping (paper: 0.01)")
+    p.add_argument("--backbone-multiplier", type=float, default=0.1, help="backbone learning-rate factor")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert a checkpoint folder HF <-> Flax")

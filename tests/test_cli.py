@@ -30,7 +30,18 @@ def test_segment_writes_overlays_and_json_and_survives_a_bad_image(tiny_checkpoi
     assert "Traceback" not in r.stderr and "bad.png" in r.stderr
     written = json.load(open(tmp_path / "out" / "good_instance.json"))
     assert written["segments"] and {"id", "label_id", "label", "score", "area"} <= set(written["segments"][0])
-    assert Image.open(tmp_path / "out" / "good_instance.png").size == (56, 40)
+    # drawn enlarged 7x (the smallest integer factor giving a short side >= 256) for legible labels
+    assert Image.open(tmp_path / "out" / "good_instance.png").size == (56 * 7, 40 * 7)
+
+
+def test_overlay_upscaling_replicates_pixels():
+    from m2f_jax.cli import _upscaled
+
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = _upscaled(image, 5)  # short side 2 -> factor 3
+    assert big.shape == (6, 9, 3)
+    assert (big[::3, ::3] == image).all() and (big[2::3, 2::3] == image).all()
+    assert _upscaled(image, 0) is image and _upscaled(image, 2) is image
 
 
 def test_missing_model_and_bad_arguments_are_one_line_errors(tmp_path):

@@ -56,6 +56,8 @@ class TrainArgs:
     max_scale: float = 2.0
     num_workers: int = 2
     val_size: Optional[int] = None  # eval resize; default: the crop size
+    val_first: bool = False  # also validate the initial weights (a baseline in the log and summary)
+    num_points: Optional[int] = None  # points per mask for the loss; default: config.train_num_points
     progress: bool = True
 
 
@@ -171,6 +173,11 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     val_set = open_dataset(args.data, args.format, "val")
     id2label = {int(k): v for k, v in train_set.id2label.items()}
     config, module, params = initial_model(args.init, id2label, args.seed)
+    if args.num_points is not None:
+        # recorded in the exported config.json, as transformers' train_num_points
+        from m2f_jax.config import Mask2FormerConfig
+
+        config = Mask2FormerConfig.from_dict(dict(config.to_dict(), train_num_points=int(args.num_points)))
     optimizer = make_optimizer(
         params, learning_rate=args.lr, weight_decay=args.weight_decay, backbone_multiplier=args.backbone_multiplier,
         clip_norm=args.clip_norm, total_steps=args.steps, warmup_steps=args.warmup_steps,
@@ -197,9 +204,12 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     log_path = os.path.join(args.out, "metrics.jsonl")
     val_size = args.val_size or args.crop
     val_every = args.val_every or args.steps
-    last, val_metrics = {}, {}
-    t_last = time.perf_counter()
+    last, val_metrics, val_initial = {}, {}, None
     with open(log_path, "a") as log, batches:
+        if args.val_first and int(state.step) == 0:
+            val_initial = validate(forward, state.params, val_set, val_size, config.num_labels)
+            log.write(json.dumps({"step": 0, **{f"val_{k}": v for k, v in val_initial.items()}}) + "\n")
+        t_last = time.perf_counter()
         while int(state.step) < args.steps:
             batch = next(batches)
             batch = {k: batch[k] for k in ("pixel_values", "mask_labels", "class_labels", "label_valid")}
@@ -229,4 +239,5 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     Mask2FormerImageProcessor(
         size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
     ).save_pretrained(export)
-    return {"step": int(state.step), "train": last, "val": val_metrics, "export": export, "log": log_path}
+    return {"step": int(state.step), "train": last, "val": val_metrics, "val_initial": val_initial,
+            "export": export, "log": log_path}

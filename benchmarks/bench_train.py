@@ -1,0 +1,180 @@
+"""Training speed and memory: one m2f_jax train step (jitted: train-mode forward, every loss term
+with the on-device matcher, backward, AdamW update) vs transformers' forward + backward + AdamW
+step, same machine, same run, same initial weights.
+
+    python benchmarks/bench_train.py                  # Swin-T geometry, 384x384 crops, batch 2
+    python benchmarks/bench_train.py --quick          # fewer timed steps
+
+The model is Mask2Former with a Swin-T backbone, 133 labels, 100 queries, 9 decoder layers,
+12544 loss points per mask (transformers' defaults = the paper's COCO recipe), random weights.
+Each image has ``--targets`` random blob masks. Both sides use the paper's optimizer: AdamW lr 1e-4,
+weight decay 0.05 except norms and embeddings, backbone lr x0.1, full-model gradient clipping to
+norm 0.01; dropout, drop-path (0.1) and LayerDrop active.
+
+Each framework runs in its own subprocess. Peak memory is the peak resident memory from the
+first step to the last minus the resident memory before the first (weights, and for JAX the
+compiled step, already in memory): optimizer state, gradients and activations on both sides.
+The first step is a warm-up and is not timed; the JAX compile time is reported on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import NUM_LABELS, PeakRSS, _hf_model, jax_model, timing_result  # noqa: E402
+
+
+def make_batch(batch: int, size: int, targets: int, max_masks: int, seed: int = 0):
+    """Random images and ``targets`` blob masks per image (union of random discs), padded to
+    ``max_masks`` with a validity mask for m2f_jax."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((batch, max_masks, size, size), np.float32)
+    classes = np.zeros((batch, max_masks), np.int32)
+    for b in range(batch):
+        for k in range(targets):
+            for _ in range(3):
+                cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 16, size / 5)
+                masks[b, k] = np.maximum(masks[b, k], ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32))
+            classes[b, k] = rng.integers(0, NUM_LABELS)
+    valid = np.arange(max_masks)[None, :].repeat(batch, 0) < targets
+    return images, masks, classes, valid
+
+
+def _torch_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1):
+    """The paper's AdamW parameter groups (the original repo's build_optimizer): backbone lr
+    x0.1, no weight decay on norms and embeddings; four groups, so torch's foreach AdamW
+    updates each group in a few fused calls."""
+    import torch
+
+    groups = {}
+    for name, p in model.named_parameters():
+        no_decay = "norm" in name or "embed" in name or "relative_position_bias_table" in name
+        backbone = "pixel_level_module.encoder." in name
+        groups.setdefault((backbone, no_decay), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lr * (backbone_multiplier if backbone else 1.0),
+          "weight_decay": 0.0 if no_decay else weight_decay} for (backbone, no_decay), ps in groups.items()],
+        lr=lr,
+    )
+
+
+def worker(framework: str, size: int, batch: int, targets: int, steps: int, threads: int, dtype: str) -> dict:
+    images, masks, classes, valid = make_batch(batch, size, targets, max_masks=max(targets, 1))
+    torch_model = _hf_model()  # SwinConfig's default drop_path_rate 0.1
+    result = dict(framework=framework, size=size, batch=batch)
+    times = []
+    if framework == "transformers":
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        torch_model.train()
+        opt = _torch_optimizer(torch_model)
+        xt = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        mask_labels = [torch.from_numpy(masks[b, :targets]) for b in range(batch)]
+        class_labels = [torch.from_numpy(classes[b, :targets].astype(np.int64)) for b in range(batch)]
+
+        def step():
+            loss = torch_model(pixel_values=xt, mask_labels=mask_labels, class_labels=class_labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 0.01)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+        with PeakRSS() as mem:
+            result["first_loss"] = step()  # warm-up (allocates the Adam state)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from m2f_jax.training.criterion import LossConfig
+        from m2f_jax.training.optimizer import make_optimizer
+        from m2f_jax.training.train_step import TrainState, make_train_step
+
+        module, params = jax_model(torch_model)
+        config = module.config
+        del torch_model
+        optimizer = make_optimizer(params, learning_rate=1e-4, weight_decay=0.05, backbone_multiplier=0.1,
+                                   clip_norm=0.01, total_steps=10_000)
+        compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
+        step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer,
+                                          compute_dtype=compute_dtype), donate_argnums=0)
+        data = jax.device_put(dict(pixel_values=images, mask_labels=masks, class_labels=classes, label_valid=valid))
+        t0 = time.perf_counter()
+        abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer.tx, 0), params)
+        compiled = step_fn.lower(abstract, data).compile()
+        result["compile_s"] = time.perf_counter() - t0
+        with PeakRSS() as mem:
+            # the Adam state is allocated inside the measured region, as torch's first step does
+            state = TrainState.create(params, optimizer.tx, 0)
+            state, metrics = compiled(state, data)  # warm-up
+            result["first_loss"] = float(metrics["loss"])
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, data)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - t0)
+    return timing_result(result, times, batch, mem)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 timed steps instead of 4")
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--targets", type=int, default=8, help="ground-truth masks per image")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="m2f_jax compute dtype (params and optimizer stay float32)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps = args.steps or (2 if args.quick else 4)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.size, args.batch, args.targets, steps, args.threads, args.dtype)))
+        return
+
+    rows = {}
+    for fw in ("transformers", "m2f_jax"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--size", str(args.size),
+               "--batch", str(args.batch), "--targets", str(args.targets), "--steps", str(steps),
+               "--threads", str(args.threads), "--dtype", args.dtype]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                             env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        if out.returncode:
+            sys.exit(f"{fw} failed:\n{out.stderr[-3000:]}")
+        rows[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  done {fw}", file=sys.stderr)
+
+    t, j = rows["transformers"], rows["m2f_jax"]
+    print(f"\nMask2Former Swin-T train step, {NUM_LABELS} labels, {args.size}x{args.size}, batch {args.batch}, "
+          f"{args.targets} targets/image, m2f_jax {args.dtype}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, median of {steps} steps\n")
+    print("| | step s | img/s | peak MB | first loss | compile s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| transformers | {t['median_s']:.2f} | {t['images_per_s']:.3f} | {t['peak_mem_mb']:.0f} | "
+          f"{t['first_loss']:.2f} | - |")
+    print(f"| m2f_jax | {j['median_s']:.2f} | {j['images_per_s']:.3f} | {j['peak_mem_mb']:.0f} | "
+          f"{j['first_loss']:.2f} | {j['compile_s']:.0f} |")
+    print(f"| ratio (m2f_jax / transformers) | speed {j['images_per_s'] / t['images_per_s']:.2f}x | | "
+          f"memory {j['peak_mem_mb'] / max(t['peak_mem_mb'], 1e-9):.2f}x | | |")
+
+
+if __name__ == "__main__":
+    main()
