@@ -67,6 +67,34 @@ def test_multi_scale_deformable_attention_matches_transformers_atol_1e5():
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
 
 
+def test_multi_scale_deformable_attention_gradients_match_transformers():
+    """The hand-written backward (custom_vjp) against torch autograd through transformers'
+    function, for value, sampling locations (in and out of range) and attention weights."""
+    from transformers.models.mask2former.modeling_mask2former import (
+        multi_scale_deformable_attention as hf_msda,
+    )
+
+    rng = np.random.default_rng(3)
+    b, nh, hd, levels, npts = 2, 3, 5, 3, 2
+    shapes = ((3, 4), (5, 7), (9, 11))
+    s = sum(h * w for h, w in shapes)
+    sq = 13
+    value = rng.normal(size=(b, s, nh, hd)).astype(np.float32)
+    loc = rng.uniform(-0.3, 1.3, size=(b, sq, nh, levels, npts, 2)).astype(np.float32)
+    attn = rng.uniform(size=(b, sq, nh, levels, npts)).astype(np.float32)
+    cotangent = rng.normal(size=(b, sq, nh * hd)).astype(np.float32)
+
+    _, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a),
+                     jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn))
+    d_value, d_loc, d_attn = vjp(jnp.asarray(cotangent))
+
+    tv, tl, ta = (torch.from_numpy(x.copy()).requires_grad_() for x in (value, loc, attn))
+    hf_msda(tv, list(shapes), tl, ta).backward(torch.from_numpy(cotangent))
+    np.testing.assert_allclose(np.asarray(d_value), tv.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_attn), ta.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_loc), tl.grad.numpy(), atol=1e-4, rtol=1e-5)
+
+
 def test_multi_scale_deformable_attention_rejects_inconsistent_shapes():
     import pytest
 

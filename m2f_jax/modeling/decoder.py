@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.pixel_decoder import NUM_FEATURE_LEVELS, layer_norm, sine_position_embedding
 
 _ACTIVATIONS = {
@@ -187,7 +188,7 @@ class TransformerModule(nn.Module):
             pos = sine_position_embedding(h, w, c // 2).reshape(1, h * w, c)  # (1, HW, C)
             memory_pos.append(jnp.asarray(pos, self.dtype))
             if project:
-                x = nn.Conv(c, (1, 1), dtype=self.dtype, name=f"input_projections_{i}")(x)
+                x = Conv2d(c, (1, 1), dtype=self.dtype, name=f"input_projections_{i}")(x)
             memories.append(x.reshape(b, h * w, c) + level_embed[i].astype(self.dtype))  # (B, HW, C)
 
         query_pos = nn.Embed(cfg.num_queries, c, dtype=self.dtype, name="queries_embedder").embedding

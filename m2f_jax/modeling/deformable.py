@@ -9,12 +9,45 @@ attention and the point-sampled loss.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _corners(h: int, w: int, points: jax.Array):
+    """Bilinear corners of ``points`` (..., 2) (x, y in [0, 1]) on an (h, w) map that has a
+    one-pixel zero border: flat indices into the bordered map (4, ...) int32, weights (4, ...)
+    float32, and the fractional offsets fx, fy (...). Corners outside the image are clipped onto
+    the border, so they read zeros. Order: top-left, top-right, bottom-left, bottom-right."""
+    x = points[..., 0].astype(jnp.float32) * w - 0.5  # pixel coordinates, align_corners=False
+    y = points[..., 1].astype(jnp.float32) * h - 0.5
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0  # weight of the right column
+    fy = y - y0  # weight of the bottom row
+    x0 = x0.astype(jnp.int32)
+    y0 = y0.astype(jnp.int32)
+    cols = [jnp.clip(x0 + dx, -1, w) + 1 for dx in (0, 1)]
+    rows = [jnp.clip(y0 + dy, -1, h) + 1 for dy in (0, 1)]
+    index = jnp.stack([rows[dy] * (w + 2) + cols[dx] for dy in (0, 1) for dx in (0, 1)])
+    weight = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
+    return index, weight, fx, fy
+
+
+def _bordered(features: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, (H+2)(W+2), C) with a one-pixel zero border, flattened row-major."""
+    n, h, w, c = features.shape
+    padded = jnp.pad(features, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return padded.reshape(n, (h + 2) * (w + 2), c)
+
+
+def _gather(flat: jax.Array, index: jax.Array) -> jax.Array:
+    """flat (N, S, C), index (N, P) (always in range) -> (N, P, C)."""
+    return jnp.take_along_axis(flat, index[..., None], axis=1, mode="promise_in_bounds")
 
 
 def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
@@ -26,33 +59,121 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
     Returns:
       (N, P, C), in the dtype of ``features``.
     """
-    n, h, w, c = features.shape
-    points = points.astype(jnp.float32)
-    x = points[..., 0] * w - 0.5  # (N, P) pixel coordinates, align_corners=False
-    y = points[..., 1] * h - 0.5
+    _, h, w, _ = features.shape
+    index, weight, _, _ = _corners(h, w, points)  # (4, N, P)
+    flat = _bordered(features)
+    weight = weight.astype(features.dtype)
+    out = _gather(flat, index[0]) * weight[0, ..., None]
+    for k in range(1, 4):
+        out = out + _gather(flat, index[k]) * weight[k, ..., None]
+    return out
+
+
+# --- multi-scale deformable attention ------------------------------------------------------------
+#
+# The value stays in its natural (B, S, nh, hd) layout, viewed as B*S*nh rows of hd: one sample
+# of one head is one row gather, so nothing is transposed or padded. A corner outside its level
+# gets weight 0 (its index is clamped to any valid row), which is grid_sample's zero padding.
+# The backward is written by hand (custom_vjp): XLA's derivative of the gathers re-gathered the
+# corners into several consumers and materialised layout copies, which made the pixel decoder's
+# backward several times its forward on CPU. Here each corner is gathered once more and reduced
+# against the output gradient, and the value gradient is scatter-added row by row.
+
+
+def _level_corners(level_shape, level_start, num_rows, locations):
+    """For one level and one sampling point: locations (B, Sq, nh, 2) -> rows (4, B, Sq, nh)
+    int32 into the (B*S*nh, hd) value view, bilinear weights (4, B, Sq, nh) (0 outside the level),
+    inside (4, B, Sq, nh) float (1 where the corner is in the level), fx, fy (B, Sq, nh)."""
+    h, w = level_shape
+    b, sq, nh, _ = locations.shape
+    x = locations[..., 0].astype(jnp.float32) * w - 0.5  # pixel coordinates, align_corners=False
+    y = locations[..., 1].astype(jnp.float32) * h - 0.5
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
-    fx = x - x0  # weight of the right column
-    fy = y - y0  # weight of the bottom row
+    fx = x - x0
+    fy = y - y0
     x0 = x0.astype(jnp.int32)
     y0 = y0.astype(jnp.int32)
+    batch = (jnp.arange(b, dtype=jnp.int32) * num_rows)[:, None, None]  # (B, 1, 1)
+    head = jnp.arange(nh, dtype=jnp.int32)[None, None, :]  # (1, 1, nh)
+    rows, weights, insides = [], [], []
+    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        pixel = level_start + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (B, Sq, nh)
+        rows.append((batch + pixel) * nh + head)
+        weights.append(jnp.where(inside, wy * wx, 0.0))
+        insides.append(inside.astype(jnp.float32))
+    return jnp.stack(rows), jnp.stack(weights), jnp.stack(insides), fx, fy
 
-    # A one-pixel zero border: every corner outside the image is clipped onto it.
-    padded = jnp.pad(features, ((0, 0), (1, 1), (1, 1), (0, 0)))  # (N, H+2, W+2, C)
-    flat = padded.reshape(n, (h + 2) * (w + 2), c)  # (N, (H+2)(W+2), C)
 
-    def corner(yi, xi, weight):
-        xi = jnp.clip(xi, -1, w) + 1
-        yi = jnp.clip(yi, -1, h) + 1
-        idx = yi * (w + 2) + xi  # (N, P)
-        vals = jnp.take_along_axis(flat, idx[..., None], axis=1)  # (N, P, C)
-        return vals * weight[..., None].astype(vals.dtype)
+def _samples(spatial_shapes, num_points):
+    """(level, point, (H, W), start) for every sampling point of every level."""
+    start = 0
+    for level, (h, w) in enumerate(spatial_shapes):
+        for point in range(num_points):
+            yield level, point, (h, w), start
+        start += h * w
 
-    out = corner(y0, x0, (1 - fy) * (1 - fx))
-    out = out + corner(y0, x0 + 1, (1 - fy) * fx)
-    out = out + corner(y0 + 1, x0, fy * (1 - fx))
-    out = out + corner(y0 + 1, x0 + 1, fy * fx)
-    return out
+
+def _rows(value):
+    b, s, nh, hd = value.shape
+    return value.reshape(b * s * nh, hd)
+
+
+def _take_rows(rows, index):
+    # rows (R, hd), index (B, Sq, nh), always in range -> (B, Sq, nh, hd)
+    return rows.at[index].get(mode="promise_in_bounds")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _msda(value, spatial_shapes, sampling_locations, attention_weights):
+    b, s, nh, hd = value.shape
+    rows = _rows(value)
+    out = None
+    for level, point, shape, start in _samples(spatial_shapes, sampling_locations.shape[4]):
+        index, weight, _, _, _ = _level_corners(shape, start, s, sampling_locations[:, :, :, level, point])
+        weight = (weight * attention_weights[None, :, :, :, level, point].astype(jnp.float32)).astype(value.dtype)
+        for k in range(4):
+            term = _take_rows(rows, index[k]) * weight[k, ..., None]  # (B, Sq, nh, hd)
+            out = term if out is None else out + term
+    return out.reshape(b, -1, nh * hd)
+
+
+def _msda_fwd(value, spatial_shapes, sampling_locations, attention_weights):
+    out = _msda(value, spatial_shapes, sampling_locations, attention_weights)
+    return out, (value, sampling_locations, attention_weights)
+
+
+def _msda_bwd(spatial_shapes, residuals, grad):
+    value, sampling_locations, attention_weights = residuals
+    b, s, nh, hd = value.shape
+    rows = _rows(value)
+    g = grad.reshape(b, -1, nh, hd)  # (B, Sq, nh, hd)
+    g32 = g.astype(jnp.float32)
+    d_rows = jnp.zeros_like(rows)
+    d_locs, d_attns = {}, {}
+    for level, point, (h, w), start in _samples(spatial_shapes, sampling_locations.shape[4]):
+        index, weight, inside, fx, fy = _level_corners((h, w), start, s, sampling_locations[:, :, :, level, point])
+        a = attention_weights[:, :, :, level, point].astype(jnp.float32)  # (B, Sq, nh)
+        # <grad, corner value> per sample and corner, 0 for a corner outside the level (it reads
+        # a clamped row, but its weight is identically 0)
+        masked = [inside[k] * jnp.sum(_take_rows(rows, index[k]).astype(jnp.float32) * g32, -1) for k in range(4)]
+        d_attns[level, point] = sum(weight[k] * masked[k] for k in range(4))
+        d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
+        d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
+        d_locs[level, point] = jnp.stack([d_fx * w, d_fy * h], axis=-1)  # x = loc_x * W - 0.5
+        for k in range(4):
+            updates = g * (weight[k] * a)[..., None].astype(g.dtype)  # (B, Sq, nh, hd)
+            d_rows = d_rows.at[index[k].reshape(-1)].add(updates.reshape(-1, hd), mode="promise_in_bounds")
+    num_levels, num_points = sampling_locations.shape[3:5]
+    d_loc = jnp.stack([jnp.stack([d_locs[l, p] for p in range(num_points)], 3) for l in range(num_levels)], 3)
+    d_attn = jnp.stack([jnp.stack([d_attns[l, p] for p in range(num_points)], 3) for l in range(num_levels)], 3)
+    return (d_rows.reshape(value.shape), d_loc.astype(sampling_locations.dtype),
+            d_attn.astype(attention_weights.dtype))
+
+
+_msda.defvjp(_msda_fwd, _msda_bwd)
 
 
 def multi_scale_deformable_attention(
@@ -61,7 +182,7 @@ def multi_scale_deformable_attention(
     sampling_locations: jax.Array,
     attention_weights: jax.Array,
 ) -> jax.Array:
-    """Multi-scale deformable attention (Zhu et al.), gather-based.
+    """Multi-scale deformable attention (Zhu et al.), gather-based, with a hand-written backward.
 
     Args:
       value: (B, S, nh, hd), the levels flattened row-major and concatenated; S = sum(H_l W_l).
@@ -71,27 +192,13 @@ def multi_scale_deformable_attention(
     Returns:
       (B, Sq, nh * hd), heads major in the channel axis.
     """
-    b, s, nh, hd = value.shape
-    _, sq, _, num_levels, num_points, _ = sampling_locations.shape
+    num_levels = sampling_locations.shape[3]
+    spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     if len(spatial_shapes) != num_levels:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels.")
-    if sum(h * w for h, w in spatial_shapes) != s:
-        raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not add up to S={s}.")
-
-    out = jnp.zeros((b, sq, nh, hd), value.dtype)
-    start = 0
-    for level, (h, w) in enumerate(spatial_shapes):
-        v = value[:, start : start + h * w]  # (B, HW, nh, hd)
-        start += h * w
-        v = v.reshape(b, h, w, nh, hd).transpose(0, 3, 1, 2, 4)  # (B, nh, H, W, hd)
-        v = v.reshape(b * nh, h, w, hd)  # (B*nh, H, W, hd)
-        loc = sampling_locations[:, :, :, level]  # (B, Sq, nh, P, 2)
-        loc = loc.transpose(0, 2, 1, 3, 4).reshape(b * nh, sq * num_points, 2)
-        sampled = sample_points(v, loc)  # (B*nh, Sq*P, hd)
-        sampled = sampled.reshape(b, nh, sq, num_points, hd)
-        weights = attention_weights[:, :, :, level].astype(sampled.dtype)  # (B, Sq, nh, P)
-        out = out + jnp.einsum("bnqpd,bqnp->bqnd", sampled, weights)
-    return out.reshape(b, sq, nh * hd)
+    if sum(h * w for h, w in spatial_shapes) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not add up to S={value.shape[1]}.")
+    return _msda(value, spatial_shapes, sampling_locations, attention_weights.astype(value.dtype))
 
 
 class MultiscaleDeformableAttention(nn.Module):

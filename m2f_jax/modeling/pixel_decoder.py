@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
 
 NUM_FEATURE_LEVELS = 3  # hard-coded in transformers and the original Mask2Former
@@ -139,7 +140,7 @@ class PixelDecoder(nn.Module):
         embeds, positions, spatial_shapes = [], [], []
         for level, x in enumerate(levels):
             _, h, w, _ = x.shape
-            x = nn.Conv(c_d, (1, 1), dtype=self.dtype, name=f"input_projections_{level}_0")(x)
+            x = Conv2d(c_d, (1, 1), dtype=self.dtype, name=f"input_projections_{level}_0")(x)
             x = group_norm(f"input_projections_{level}_1", self.dtype)(x)  # (B, H_l, W_l, C_d)
             embeds.append(x.reshape(b, h * w, c_d))
             pos = sine_position_embedding(h, w, c_d // 2).reshape(h * w, c_d)  # (H_l W_l, C_d)
@@ -164,14 +165,13 @@ class PixelDecoder(nn.Module):
 
         # FPN levels below 1/8, coarse to fine; adapter_{k+1}/layer_{k+1} serve features[k].
         for k in reversed(range(cfg.num_fpn_levels)):
-            lateral = nn.Conv(c_d, (1, 1), use_bias=False, dtype=self.dtype, name=f"adapter_{k + 1}_0")(features[k])
+            lateral = Conv2d(c_d, (1, 1), use_bias=False, dtype=self.dtype, name=f"adapter_{k + 1}_0")(features[k])
             lateral = group_norm(f"adapter_{k + 1}_1", self.dtype)(lateral)  # (B, H_k, W_k, C_d)
             # Bilinear, although transformers' comment says nearest.
             y = lateral + resize_bilinear(outputs[-1], lateral.shape[1], lateral.shape[2])
-            y = nn.Conv(c_d, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                        name=f"layer_{k + 1}_0")(y)
+            y = Conv2d(c_d, (3, 3), use_bias=False, dtype=self.dtype, name=f"layer_{k + 1}_0")(y)
             y = nn.relu(group_norm(f"layer_{k + 1}_1", self.dtype)(y))
             outputs.append(y)
 
-        mask_features = nn.Conv(cfg.mask_feature_size, (1, 1), dtype=self.dtype, name="mask_projection")(outputs[-1])
+        mask_features = Conv2d(cfg.mask_feature_size, (1, 1), dtype=self.dtype, name="mask_projection")(outputs[-1])
         return mask_features, tuple(outputs[:NUM_FEATURE_LEVELS])
