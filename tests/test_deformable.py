@@ -48,19 +48,24 @@ def test_sample_points_gradients_match_torch_and_are_finite():
     np.testing.assert_allclose(np.asarray(g_pts), tp.grad.numpy(), atol=1e-3, rtol=1e-4)
 
 
+def _msda_inputs(rng, shapes, b, nh, hd, sq, npts, margin):
+    """Random value (B, S, nh, hd), locations (B, Sq, nh, L, P, 2) in [-margin, 1 + margin] (some
+    outside every level) and unnormalised attention weights (B, Sq, nh, L, P)."""
+    s = sum(h * w for h, w in shapes)
+    value = rng.normal(size=(b, s, nh, hd)).astype(np.float32)
+    loc = rng.uniform(-margin, 1 + margin, size=(b, sq, nh, len(shapes), npts, 2)).astype(np.float32)
+    attn = rng.uniform(size=(b, sq, nh, len(shapes), npts)).astype(np.float32)
+    return value, loc, attn
+
+
 def test_multi_scale_deformable_attention_matches_transformers_atol_1e5():
     from transformers.models.mask2former.modeling_mask2former import (
         multi_scale_deformable_attention as hf_msda,
     )
 
     rng = np.random.default_rng(2)
-    b, nh, hd, levels, npts = 2, 4, 8, 3, 4
     shapes = ((3, 5), (6, 10), (12, 19))
-    s = sum(h * w for h, w in shapes)
-    sq = 17
-    value = rng.normal(size=(b, s, nh, hd)).astype(np.float32)
-    loc = rng.uniform(-0.2, 1.2, size=(b, sq, nh, levels, npts, 2)).astype(np.float32)
-    attn = rng.uniform(size=(b, sq, nh, levels, npts)).astype(np.float32)
+    value, loc, attn = _msda_inputs(rng, shapes, b=2, nh=4, hd=8, sq=17, npts=4, margin=0.2)
     attn /= attn.sum(axis=(-1, -2), keepdims=True)
     ours = multi_scale_deformable_attention(jnp.asarray(value), shapes, jnp.asarray(loc), jnp.asarray(attn))
     theirs = hf_msda(torch.from_numpy(value), list(shapes), torch.from_numpy(loc), torch.from_numpy(attn))
@@ -75,14 +80,9 @@ def test_multi_scale_deformable_attention_gradients_match_transformers():
     )
 
     rng = np.random.default_rng(3)
-    b, nh, hd, levels, npts = 2, 3, 5, 3, 2
     shapes = ((3, 4), (5, 7), (9, 11))
-    s = sum(h * w for h, w in shapes)
-    sq = 13
-    value = rng.normal(size=(b, s, nh, hd)).astype(np.float32)
-    loc = rng.uniform(-0.3, 1.3, size=(b, sq, nh, levels, npts, 2)).astype(np.float32)
-    attn = rng.uniform(size=(b, sq, nh, levels, npts)).astype(np.float32)
-    cotangent = rng.normal(size=(b, sq, nh * hd)).astype(np.float32)
+    value, loc, attn = _msda_inputs(rng, shapes, b=2, nh=3, hd=5, sq=13, npts=2, margin=0.3)
+    cotangent = rng.normal(size=(2, 13, 3 * 5)).astype(np.float32)
 
     _, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a),
                      jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn))

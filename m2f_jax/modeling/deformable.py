@@ -1,11 +1,11 @@
 """Multi-scale deformable attention as a pure, gather-based function, and its Flax layer.
 
-The bilinear sampler below has exactly the semantics of
+Both samplers below have exactly the semantics of
 ``torch.nn.functional.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``
 with locations given in [0, 1] (``grid = 2 * loc - 1``): pixel coordinate ``x * W - 0.5``,
-out-of-range corners contribute 0 and the weights are not renormalised. Out-of-range corners
-read a real zero border (never a clamped pixel). The same function serves the deformable
-attention and the point-sampled loss.
+out-of-range corners contribute 0 and the weights are not renormalised (:func:`_pixel_coords`).
+``sample_points`` (the point-sampled loss) reads out-of-range corners from a real zero border;
+the deformable attention gives them weight 0 and has a hand-written backward.
 """
 from __future__ import annotations
 
@@ -18,24 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _corners(h: int, w: int, points: jax.Array):
-    """Bilinear corners of ``points`` (..., 2) (x, y in [0, 1]) on an (h, w) map that has a
-    one-pixel zero border: flat indices into the bordered map (4, ...) int32, weights (4, ...)
-    float32, and the fractional offsets fx, fy (...). Corners outside the image are clipped onto
-    the border, so they read zeros. Order: top-left, top-right, bottom-left, bottom-right."""
-    x = points[..., 0].astype(jnp.float32) * w - 0.5  # pixel coordinates, align_corners=False
+def _pixel_coords(h: int, w: int, points: jax.Array):
+    """``points`` (..., 2) as (x, y) in [0, 1] on an (h, w) map -> the top-left corner (x0, y0)
+    int32 and the fractional offsets (fx, fy) float32 (the weights of the right column and the
+    bottom row), with grid_sample's align_corners=False pixel coordinate ``x * W - 0.5``."""
+    x = points[..., 0].astype(jnp.float32) * w - 0.5
     y = points[..., 1].astype(jnp.float32) * h - 0.5
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
-    fx = x - x0  # weight of the right column
-    fy = y - y0  # weight of the bottom row
-    x0 = x0.astype(jnp.int32)
-    y0 = y0.astype(jnp.int32)
+    return x0.astype(jnp.int32), y0.astype(jnp.int32), x - x0, y - y0
+
+
+def _corners(h: int, w: int, points: jax.Array):
+    """Bilinear corners of ``points`` (..., 2) on an (h, w) map that has a one-pixel zero border:
+    flat indices into the bordered map (4, ...) int32 and weights (4, ...) float32. Corners outside
+    the image are clipped onto the border, so they read zeros. Order: top-left, top-right,
+    bottom-left, bottom-right."""
+    x0, y0, fx, fy = _pixel_coords(h, w, points)
     cols = [jnp.clip(x0 + dx, -1, w) + 1 for dx in (0, 1)]
     rows = [jnp.clip(y0 + dy, -1, h) + 1 for dy in (0, 1)]
     index = jnp.stack([rows[dy] * (w + 2) + cols[dx] for dy in (0, 1) for dx in (0, 1)])
     weight = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
-    return index, weight, fx, fy
+    return index, weight
 
 
 def _bordered(features: jax.Array) -> jax.Array:
@@ -60,7 +64,7 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
       (N, P, C), in the dtype of ``features``.
     """
     _, h, w, _ = features.shape
-    index, weight, _, _ = _corners(h, w, points)  # (4, N, P)
+    index, weight = _corners(h, w, points)  # (4, N, P)
     flat = _bordered(features)
     weight = weight.astype(features.dtype)
     out = _gather(flat, index[0]) * weight[0, ..., None]
@@ -86,14 +90,7 @@ def _level_corners(level_shape, level_start, num_rows, locations):
     inside (4, B, Sq, nh) float (1 where the corner is in the level), fx, fy (B, Sq, nh)."""
     h, w = level_shape
     b, sq, nh, _ = locations.shape
-    x = locations[..., 0].astype(jnp.float32) * w - 0.5  # pixel coordinates, align_corners=False
-    y = locations[..., 1].astype(jnp.float32) * h - 0.5
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    fx = x - x0
-    fy = y - y0
-    x0 = x0.astype(jnp.int32)
-    y0 = y0.astype(jnp.int32)
+    x0, y0, fx, fy = _pixel_coords(h, w, locations)  # (B, Sq, nh)
     batch = (jnp.arange(b, dtype=jnp.int32) * num_rows)[:, None, None]  # (B, 1, 1)
     head = jnp.arange(nh, dtype=jnp.int32)[None, None, :]  # (1, 1, nh)
     rows, weights, insides = [], [], []
@@ -152,23 +149,22 @@ def _msda_bwd(spatial_shapes, residuals, grad):
     g = grad.reshape(b, -1, nh, hd)  # (B, Sq, nh, hd)
     g32 = g.astype(jnp.float32)
     d_rows = jnp.zeros_like(rows)
-    d_locs, d_attns = {}, {}
+    d_locs, d_attns = [], []  # one (B, Sq, nh[, 2]) per sample, level-major as _samples yields
     for level, point, (h, w), start in _samples(spatial_shapes, sampling_locations.shape[4]):
         index, weight, inside, fx, fy = _level_corners((h, w), start, s, sampling_locations[:, :, :, level, point])
         a = attention_weights[:, :, :, level, point].astype(jnp.float32)  # (B, Sq, nh)
         # <grad, corner value> per sample and corner, 0 for a corner outside the level (it reads
         # a clamped row, but its weight is identically 0)
         masked = [inside[k] * jnp.sum(_take_rows(rows, index[k]).astype(jnp.float32) * g32, -1) for k in range(4)]
-        d_attns[level, point] = sum(weight[k] * masked[k] for k in range(4))
+        d_attns.append(sum(weight[k] * masked[k] for k in range(4)))
         d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
         d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
-        d_locs[level, point] = jnp.stack([d_fx * w, d_fy * h], axis=-1)  # x = loc_x * W - 0.5
+        d_locs.append(jnp.stack([d_fx * w, d_fy * h], axis=-1))  # x = loc_x * W - 0.5
         for k in range(4):
             updates = g * (weight[k] * a)[..., None].astype(g.dtype)  # (B, Sq, nh, hd)
             d_rows = d_rows.at[index[k].reshape(-1)].add(updates.reshape(-1, hd), mode="promise_in_bounds")
-    num_levels, num_points = sampling_locations.shape[3:5]
-    d_loc = jnp.stack([jnp.stack([d_locs[l, p] for p in range(num_points)], 3) for l in range(num_levels)], 3)
-    d_attn = jnp.stack([jnp.stack([d_attns[l, p] for p in range(num_points)], 3) for l in range(num_levels)], 3)
+    d_loc = jnp.stack(d_locs, axis=3).reshape(sampling_locations.shape)  # (B, Sq, nh, L, P, 2)
+    d_attn = jnp.stack(d_attns, axis=3).reshape(attention_weights.shape)  # (B, Sq, nh, L, P)
     return (d_rows.reshape(value.shape), d_loc.astype(sampling_locations.dtype),
             d_attn.astype(attention_weights.dtype))
 
