@@ -243,3 +243,22 @@ def test_bad_inputs_raise_value_error():
     expected = r"given_points\[0\]\['matcher'\] must have shape \(2, 64, 2\)"
     with pytest.raises(ValueError, match=expected):
         mask2former_loss(*args, config=CONFIG, given_points=given)
+
+
+def test_top_k_indices_selects_what_lax_top_k_selects_ties_included():
+    """The loss's top-k (bisection + compaction) against jax.lax.top_k (sorted), on values with
+    many ties, signed zeros and infinities."""
+    from m2f_jax.training.criterion import top_k_indices
+
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.normal(size=(4, 3000)),
+        np.round(rng.normal(size=(5, 400)), 1),  # heavy ties
+        -np.abs(rng.normal(size=(3, 50))),
+        np.array([[0.0, -0.0, 1, -1, np.inf, -np.inf, 0, 0, -0.0, 1]]),
+    ]
+    for values in cases:
+        values = jnp.asarray(values, jnp.float32)
+        for k in sorted({1, 3, values.shape[1] // 4, values.shape[1] - 1, values.shape[1]}):
+            expected = np.sort(np.asarray(jax.lax.top_k(values, k)[1]), axis=-1)
+            np.testing.assert_array_equal(np.asarray(top_k_indices(values, k)), expected)

@@ -95,6 +95,36 @@ def test_multi_scale_deformable_attention_gradients_match_transformers():
     np.testing.assert_allclose(np.asarray(d_loc), tl.grad.numpy(), atol=1e-4, rtol=1e-5)
 
 
+def test_multi_scale_deformable_attention_under_vmap_matches_transformers_per_example():
+    """vmap folds the mapped axis into the batch axis (custom_vmap) in the forward and in the
+    backward; one argument is unmapped (shared by all examples), which the rule broadcasts."""
+    from transformers.models.mask2former.modeling_mask2former import (
+        multi_scale_deformable_attention as hf_msda,
+    )
+
+    rng = np.random.default_rng(4)
+    shapes = ((2, 3), (4, 5))
+    value, loc, _ = _msda_inputs(rng, shapes, b=3, nh=2, hd=4, sq=7, npts=3, margin=0.2)
+    value, loc = value[:, None], loc[:, None]  # 3 examples of batch 1
+    _, _, attn = _msda_inputs(rng, shapes, b=1, nh=2, hd=4, sq=7, npts=3, margin=0.2)  # shared
+    cotangent = rng.normal(size=(3, 1, 7, 2 * 4)).astype(np.float32)
+
+    def value_and_grads(v, l, a, ct):
+        out, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a), v, l, a)
+        return (out,) + vjp(ct)
+
+    outs = jax.jit(jax.vmap(value_and_grads, in_axes=(0, 0, None, 0)))(
+        jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn), jnp.asarray(cotangent))
+    for e in range(3):
+        tv, tl, ta = (torch.from_numpy(x.copy()).requires_grad_() for x in (value[e], loc[e], attn))
+        out = hf_msda(tv, list(shapes), tl, ta)
+        out.backward(torch.from_numpy(cotangent[e]))
+        np.testing.assert_allclose(np.asarray(outs[0][e]), out.detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(outs[1][e]), tv.grad.numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(outs[2][e]), tl.grad.numpy(), atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(outs[3][e]), ta.grad.numpy(), atol=1e-5)
+
+
 def test_multi_scale_deformable_attention_rejects_inconsistent_shapes():
     import pytest
 

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.pixel_decoder import NUM_FEATURE_LEVELS, layer_norm, sine_position_embedding
+from m2f_jax.modeling.swin import gelu
 
 _ACTIVATIONS = {
     "relu": nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": nn.silu,
     "swish": nn.silu,

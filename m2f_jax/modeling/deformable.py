@@ -75,13 +75,21 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
 
 # --- multi-scale deformable attention ------------------------------------------------------------
 #
-# The value stays in its natural (B, S, nh, hd) layout, viewed as B*S*nh rows of hd: one sample
-# of one head is one row gather, so nothing is transposed or padded. A corner outside its level
-# gets weight 0 (its index is clamped to any valid row), which is grid_sample's zero padding.
-# The backward is written by hand (custom_vjp): XLA's derivative of the gathers re-gathered the
-# corners into several consumers and materialised layout copies, which made the pixel decoder's
-# backward several times its forward on CPU. Here each corner is gathered once more and reduced
-# against the output gradient, and the value gradient is scatter-added row by row.
+# The value stays in its natural (B, S, nh, hd) layout, viewed as N = B*S*nh rows of hd: one
+# sample of one head is one row gather, so nothing is transposed or padded. A corner outside its
+# level gets weight 0 (its index is clamped to any valid row), which is grid_sample's zero padding.
+#
+# How it is made fast on XLA:CPU (each measured with the profiler on the Swin-T pixel decoder):
+# * The corner rows and weights of all samples are computed once, as (n, 4, N) tables, and the
+#   gathers run in a ``lax.scan`` over the n = L*P samples. Written as straight-line code, XLA
+#   fused the corner arithmetic into every gather and scatter and recomputed it for each of the hd
+#   channels; a loop's inputs are materialised, so each gather reads a plain index (5x forward).
+# * Rows are uint32, so the gathers carry no negative-index wrap-around.
+# * The backward is hand-written (custom_vjp): each corner is gathered once more and reduced
+#   against the output gradient, and the value gradient is scatter-added row by row. XLA's own
+#   derivative of the gathers re-gathered the corners into several consumers.
+# * Under ``vmap`` (the train step maps the model over examples) the forward and backward fold
+#   the mapped axis into the batch axis (custom_vmap) instead of batching every gather.
 
 
 def _level_corners(level_shape, level_start, num_rows, locations):
@@ -113,28 +121,96 @@ def _samples(spatial_shapes, num_points):
         start += h * w
 
 
-def _rows(value):
-    b, s, nh, hd = value.shape
-    return value.reshape(b * s * nh, hd)
+def _corner_tables(spatial_shapes, value_shape, sampling_locations, attention_weights, dtype):
+    """Every sample's corners, level-major as :func:`_samples` yields them: the per-sample pieces
+    ``(weight, inside, fx, fy, attention)`` for the backward, and the (n, 4, N) tables the loops
+    read: rows uint32 into the (N, hd) value view and coefficients (bilinear weight x attention)."""
+    _, s, _, _ = value_shape
+    pieces, rows, coefs = [], [], []
+    for level, point, shape, start in _samples(spatial_shapes, sampling_locations.shape[4]):
+        index, weight, inside, fx, fy = _level_corners(shape, start, s, sampling_locations[:, :, :, level, point])
+        a = attention_weights[:, :, :, level, point].astype(jnp.float32)  # (B, Sq, nh)
+        pieces.append((weight, inside, fx, fy, a))
+        rows.append(index.reshape(4, -1).astype(jnp.uint32))
+        coefs.append((weight * a[None]).reshape(4, -1))
+    return pieces, jnp.stack(rows), jnp.stack(coefs).astype(dtype)
 
 
-def _take_rows(rows, index):
-    # rows (R, hd), index (B, Sq, nh), always in range -> (B, Sq, nh, hd)
+def _take(rows, index):
+    # rows (R, hd), index (N,) uint32, always in range -> (N, hd)
     return rows.at[index].get(mode="promise_in_bounds")
+
+
+def _msda_forward(spatial_shapes, value, sampling_locations, attention_weights):
+    b, s, nh, hd = value.shape
+    rows = value.reshape(b * s * nh, hd)
+    _, index, coef = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights, value.dtype)
+
+    def add_sample(out, tables):
+        index, coef = tables  # (4, N) each
+        for k in range(4):
+            out = out + _take(rows, index[k]) * coef[k][:, None]
+        return out, None
+
+    out, _ = jax.lax.scan(add_sample, jnp.zeros((index.shape[2], hd), value.dtype), (index, coef))  # (N, hd)
+    return out.reshape(b, -1, nh * hd)
+
+
+def _msda_backward(spatial_shapes, value, sampling_locations, attention_weights, grad):
+    b, s, nh, hd = value.shape
+    rows = value.reshape(b * s * nh, hd)
+    g = grad.reshape(-1, hd)  # (N, hd)
+    pieces, index, coef = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights, g.dtype)
+    g32 = g.astype(jnp.float32)
+
+    def sample_grads(d_rows, tables):
+        index, coef = tables  # (4, N) each
+        dots = []
+        for k in range(4):
+            # <grad, corner value>; a corner outside the level read a clamped row (masked below)
+            dots.append(jnp.sum(_take(rows, index[k]).astype(jnp.float32) * g32, -1))
+            d_rows = d_rows.at[index[k]].add(g * coef[k][:, None], mode="promise_in_bounds")
+        return d_rows, jnp.stack(dots)
+
+    d_rows, dots = jax.lax.scan(sample_grads, jnp.zeros_like(rows), (index, coef))  # dots (n, 4, N)
+    dots = dots.reshape(len(pieces), 4, b, -1, nh)
+    d_locs, d_attns = [], []  # one (B, Sq, nh[, 2]) per sample
+    for (_, _, (h, w), _), (weight, inside, fx, fy, a), dot in zip(
+        _samples(spatial_shapes, sampling_locations.shape[4]), pieces, dots
+    ):
+        masked = inside * dot  # (4, B, Sq, nh)
+        d_attns.append(jnp.sum(weight * masked, axis=0))
+        d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
+        d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
+        d_locs.append(jnp.stack([d_fx * w, d_fy * h], axis=-1))  # x = loc_x * W - 0.5
+    d_loc = jnp.stack(d_locs, axis=3).reshape(sampling_locations.shape)  # (B, Sq, nh, L, P, 2)
+    d_attn = jnp.stack(d_attns, axis=3).reshape(attention_weights.shape)  # (B, Sq, nh, L, P)
+    return (d_rows.reshape(value.shape), d_loc.astype(sampling_locations.dtype),
+            d_attn.astype(attention_weights.dtype))
+
+
+def _batch_folded(fn, spatial_shapes):
+    """``fn(spatial_shapes, *arrays)``, every array batched on axis 0, as a function of the
+    arrays whose ``vmap`` folds the mapped axis into that batch axis."""
+    folded = jax.custom_batching.custom_vmap(functools.partial(fn, spatial_shapes))
+
+    @folded.def_vmap
+    def rule(axis_size, in_batched, *arrays):
+        arrays = [
+            x.reshape((-1,) + x.shape[2:]) if batched
+            else jnp.broadcast_to(x[None], (axis_size,) + x.shape).reshape((-1,) + x.shape[1:])
+            for x, batched in zip(arrays, in_batched)
+        ]
+        outs = folded(*arrays)
+        unfold = lambda y: y.reshape((axis_size, -1) + y.shape[1:])
+        return jax.tree.map(unfold, outs), jax.tree.map(lambda _: True, outs)
+
+    return folded
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _msda(value, spatial_shapes, sampling_locations, attention_weights):
-    b, s, nh, hd = value.shape
-    rows = _rows(value)
-    out = None
-    for level, point, shape, start in _samples(spatial_shapes, sampling_locations.shape[4]):
-        index, weight, _, _, _ = _level_corners(shape, start, s, sampling_locations[:, :, :, level, point])
-        weight = (weight * attention_weights[None, :, :, :, level, point].astype(jnp.float32)).astype(value.dtype)
-        for k in range(4):
-            term = _take_rows(rows, index[k]) * weight[k, ..., None]  # (B, Sq, nh, hd)
-            out = term if out is None else out + term
-    return out.reshape(b, -1, nh * hd)
+    return _batch_folded(_msda_forward, spatial_shapes)(value, sampling_locations, attention_weights)
 
 
 def _msda_fwd(value, spatial_shapes, sampling_locations, attention_weights):
@@ -143,30 +219,7 @@ def _msda_fwd(value, spatial_shapes, sampling_locations, attention_weights):
 
 
 def _msda_bwd(spatial_shapes, residuals, grad):
-    value, sampling_locations, attention_weights = residuals
-    b, s, nh, hd = value.shape
-    rows = _rows(value)
-    g = grad.reshape(b, -1, nh, hd)  # (B, Sq, nh, hd)
-    g32 = g.astype(jnp.float32)
-    d_rows = jnp.zeros_like(rows)
-    d_locs, d_attns = [], []  # one (B, Sq, nh[, 2]) per sample, level-major as _samples yields
-    for level, point, (h, w), start in _samples(spatial_shapes, sampling_locations.shape[4]):
-        index, weight, inside, fx, fy = _level_corners((h, w), start, s, sampling_locations[:, :, :, level, point])
-        a = attention_weights[:, :, :, level, point].astype(jnp.float32)  # (B, Sq, nh)
-        # <grad, corner value> per sample and corner, 0 for a corner outside the level (it reads
-        # a clamped row, but its weight is identically 0)
-        masked = [inside[k] * jnp.sum(_take_rows(rows, index[k]).astype(jnp.float32) * g32, -1) for k in range(4)]
-        d_attns.append(sum(weight[k] * masked[k] for k in range(4)))
-        d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
-        d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
-        d_locs.append(jnp.stack([d_fx * w, d_fy * h], axis=-1))  # x = loc_x * W - 0.5
-        for k in range(4):
-            updates = g * (weight[k] * a)[..., None].astype(g.dtype)  # (B, Sq, nh, hd)
-            d_rows = d_rows.at[index[k].reshape(-1)].add(updates.reshape(-1, hd), mode="promise_in_bounds")
-    d_loc = jnp.stack(d_locs, axis=3).reshape(sampling_locations.shape)  # (B, Sq, nh, L, P, 2)
-    d_attn = jnp.stack(d_attns, axis=3).reshape(attention_weights.shape)  # (B, Sq, nh, L, P)
-    return (d_rows.reshape(value.shape), d_loc.astype(sampling_locations.dtype),
-            d_attn.astype(attention_weights.dtype))
+    return _batch_folded(_msda_backward, spatial_shapes)(*residuals, grad)
 
 
 _msda.defvjp(_msda_fwd, _msda_bwd)
