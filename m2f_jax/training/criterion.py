@@ -190,7 +190,7 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
     tie = key == kth[:, None]
     need = k - jnp.sum(above, axis=-1, dtype=jnp.int32)  # ties to take, lowest indices first
     take = above | (tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= need[:, None]))
-    slot = jnp.where(take, jnp.cumsum(take, axis=-1, dtype=jnp.int32) - 1, k)  # k: dropped
+    slot = jnp.where(take, jnp.cumsum(take, axis=-1, dtype=jnp.int32) - 1, k)  # k: spill column, sliced off
     index = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (n, size))
     out = jnp.zeros((n, k + 1), jnp.int32).at[jnp.arange(n)[:, None], slot].set(index, mode="drop")
     return out[:, :k]
