@@ -132,3 +132,45 @@ def test_multi_scale_deformable_attention_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="do not add up"):
         multi_scale_deformable_attention(value, ((2, 2), (2, 2), (1, 1)), jnp.zeros((1, 3, 2, 3, 4, 2)),
                                          jnp.zeros((1, 3, 2, 3, 4)))
+
+
+def _gather_scatter_dtypes(jaxpr) -> list:
+    """Operand dtypes of every gather / scatter-add in ``jaxpr`` and all its sub-jaxprs (scan
+    bodies, custom_vjp / custom_vmap calls, pjit)."""
+    found, stack = [], [jaxpr]
+    while stack:
+        jp = stack.pop()
+        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
+        for eqn in jp.eqns:
+            if eqn.primitive.name in ("gather", "scatter-add", "scatter_add"):
+                found.append((eqn.primitive.name, str(eqn.invars[0].aval.dtype)))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        stack.append(sub)
+    return found
+
+
+def test_bf16_layer_samples_and_backpropagates_in_float32():
+    """Under bf16 compute the layer's bilinear sampling stays float32, forward and backward (as
+    the original CUDA kernel), while its output is bf16. Oracle: the dtypes in the traced
+    program, which must contain the attention's gathers and scatter-adds."""
+    from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
+
+    shapes = ((4, 4), (2, 2))
+    s = sum(h * w for h, w in shapes)
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(1, s, 16)), jnp.bfloat16)
+    ref = jnp.asarray(rng.uniform(size=(1, s, 2, 2)), jnp.float32)
+    layer = MultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=2, n_points=2, dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), hidden, hidden, ref, shapes)
+
+    def loss(p):
+        out, _ = layer.apply(p, hidden, hidden, ref, shapes)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    out, _ = layer.apply(params, hidden, hidden, ref, shapes)
+    assert out.dtype == jnp.bfloat16
+    found = _gather_scatter_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
+    assert {name for name, _ in found} >= {"gather", "scatter-add"}, found
+    assert {dtype for _, dtype in found} == {"float32"}, found

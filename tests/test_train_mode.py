@@ -6,6 +6,7 @@ import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
+from tests._multidevice_check import FAST_CPU_COMPILE
 from tests.hf_models import TINY, hf_config
 
 
@@ -26,11 +27,14 @@ _JITTED = {}
 
 def _run(module, params, x, deterministic, seed):
     key = (id(module), deterministic)
-    if key not in _JITTED:
-        _JITTED[key] = jax.jit(lambda p, x, rng: module.apply(
-            {"params": p}, x, deterministic=deterministic, rngs={"dropout": rng}))
     # rbg keys: threefry's random bits compile several times slower on CPU; the modules take either.
-    out = _JITTED[key](params, x, jax.random.key(seed, impl="rbg"))
+    rng = jax.random.key(seed, impl="rbg")
+    if key not in _JITTED:
+        step = jax.jit(lambda p, x, rng: module.apply(
+            {"params": p}, x, deterministic=deterministic, rngs={"dropout": rng}))
+        # These tests compare runs of the same program with each other: compile it fast.
+        _JITTED[key] = step.lower(params, x, rng).compile(compiler_options=FAST_CPU_COMPILE)
+    out = _JITTED[key](params, x, rng)
     return np.asarray(out.masks_queries_logits), out
 
 
