@@ -10,8 +10,8 @@ step, same machine, same run, same initial weights.
 ``--hugepages`` runs both workers with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35,
 kernel THP mode "madvise" or "always"): malloc then asks for 2 MiB transparent huge pages. A train
 step writes GBs of freshly mapped buffers (XLA's temporaries, torch's activations); with 4 KiB
-pages each first write is a page fault, which costs seconds per step on a small VM. The setting
-is the same for both frameworks, so the ratio stays a like-for-like comparison.
+pages each first write is a page fault (the "page faults / step" column). The setting is the same
+for both frameworks, so the ratio stays a like-for-like comparison.
 
 The model is Mask2Former with a Swin-T backbone, 133 labels, 100 queries, 9 decoder layers,
 12544 loss points per mask (transformers' defaults = the paper's COCO recipe), random weights.

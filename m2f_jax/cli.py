@@ -201,12 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train" and argv is None:
-        # A process of its own (not called from Python): glibc's huge-page malloc, see
-        # m2f_jax/hugepages.py. Returns here unless it restarts the process.
-        from m2f_jax.hugepages import reexec_with_hugepages
-
-        reexec_with_hugepages()
     if args.command is None:
         # The main job: segment the embedded examples with the embedded model; until that model
         # ships, the random-weights smoke forward.
