@@ -203,10 +203,10 @@ def main():
                 print(f"  round {r + 1}: done {fw} ({rows[fw]['median_s']:.2f} s/step)", file=sys.stderr)
             rounds.append(rows)
 
-    med = lambda fw, key: float(np.median([rows[fw][key] for rows in rounds]))  # noqa: E731
     ratios = [rows["m2f_jax"]["images_per_s"] / rows["transformers"]["images_per_s"] for rows in rounds]
-    t = {key: med("transformers", key) for key in ("median_s", "images_per_s", "peak_mem_mb", "faults_per_step")}
-    j = {key: med("m2f_jax", key) for key in ("median_s", "images_per_s", "peak_mem_mb", "faults_per_step")}
+    t, j = ({key: float(np.median([rows[fw][key] for rows in rounds]))
+             for key in ("median_s", "images_per_s", "peak_mem_mb", "faults_per_step")}
+            for fw in ("transformers", "m2f_jax"))
     first = rounds[0]
     print(f"\nMask2Former Swin-T train step, {NUM_LABELS} labels, {args.size}x{args.size}, batch {args.batch}, "
           f"{args.targets} targets/image, m2f_jax {args.dtype}, {platform.processor() or platform.machine()}, "

@@ -94,15 +94,22 @@ def flat(tree, prefix=""):
     }
 
 
-def single_device_run():
-    """The reference step in this process, then OVERFIT_STEPS more on the same batch and key."""
+def first_step(compute_dtype=None):
+    """The first train step of the test model on its batch, in this process: (params before,
+    state after, metrics, the compiled step, batch, step key)."""
     module, loss_config, params, batch = setup()
     optimizer = make_optimizer(params, **OPTIMIZER)
     state = ts.TrainState.create(params, optimizer.tx, jax.random.key(SEED))
     step_key = jax.random.fold_in(state.key, 0)  # what step 0 draws from by default
-    step = jax.jit(ts.make_train_step(module, loss_config, optimizer))
+    step = jax.jit(ts.make_train_step(module, loss_config, optimizer, compute_dtype=compute_dtype))
     compiled = step.lower(state, batch, step_key).compile(compiler_options=FAST_CPU_COMPILE)
     state1, metrics = compiled(state, batch, step_key)
+    return params, state1, metrics, compiled, batch, step_key
+
+
+def single_device_run():
+    """The reference step in this process, then OVERFIT_STEPS more on the same batch and key."""
+    params, state1, metrics, compiled, batch, step_key = first_step()
     losses, state_n = [float(metrics["loss"])], state1
     for _ in range(OVERFIT_STEPS):  # a fixed objective: the same batch and key every step
         state_n, m = compiled(state_n, batch, step_key)

@@ -21,7 +21,7 @@ from m2f_jax.training.optimizer import (
     make_schedule,
     weight_decay_mask,
 )
-from m2f_jax.training.train_step import TrainState, make_generic_train_step, make_train_step
+from m2f_jax.training.train_step import TrainState, make_generic_train_step
 from tests import _multidevice_check as md
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,13 +109,7 @@ def test_bf16_compute_step_keeps_float32_state_and_tracks_the_float32_step(singl
     float32 and stays close to the fp32 step (oracle: the fp32 reference step, same state and
     key). Measured on this model: loss terms within 1e-5 relative, grad norm 5e-3, cosine of
     the two parameter updates 0.988."""
-    module, loss_config, params, batch = md.setup()
-    optimizer = make_optimizer(params, **md.OPTIMIZER)
-    state = TrainState.create(params, optimizer.tx, jax.random.key(md.SEED))
-    step_key = jax.random.fold_in(state.key, 0)
-    step = jax.jit(make_train_step(module, loss_config, optimizer, compute_dtype=jnp.bfloat16))
-    compiled = step.lower(state, batch, step_key).compile(compiler_options=md.FAST_CPU_COMPILE)
-    state1, metrics = compiled(state, batch, step_key)
+    _, state1, metrics, _, _, _ = md.first_step(compute_dtype=jnp.bfloat16)
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state1.params)} == {"float32"}
     opt_dtypes = {str(x.dtype) for x in jax.tree_util.tree_leaves(state1.opt_state)}
     assert opt_dtypes <= {"float32", "int32"}, opt_dtypes
