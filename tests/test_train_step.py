@@ -299,6 +299,39 @@ def test_clipping_uses_the_global_norm_of_the_whole_model(sample_params):
         np.testing.assert_allclose(update, expected, rtol=1e-4, atol=1e-12, err_msg=path)
 
 
+def test_overflowing_gradient_norm_gives_a_zero_update_like_torch_and_a_warning(sample_params):
+    """Finite gradients whose float32 sum of squares overflows (a from-scratch Swin on zero-padded
+    crops gives entries ~1e34): the global norm is inf, clipping scales the update to zero, and
+    ``torch.nn.utils.clip_grad_norm_`` (detectron2's full-model clipping) does the same. No weight
+    decay, so only the clipped gradient moves the parameters. ``m2f-jax train`` explains it."""
+    import torch
+
+    from m2f_jax.training.run import nonfinite_note
+
+    flat_params = _flat(sample_params)
+    grads_np = {path: np.full(p.shape, 1e-3, np.float32) for path, p in flat_params.items()}
+    first = sorted(grads_np)[0]
+    grads_np[first][0, 0] = 3e34  # finite, but its square is not
+    tx = make_optimizer(sample_params, learning_rate=1e-4, weight_decay=0.0, clip_norm=0.01,
+                        total_steps=100).tx
+    updates = _first_update(tx, sample_params, _unflat({k: jnp.asarray(v) for k, v in grads_np.items()}))
+    for path, update in updates.items():
+        np.testing.assert_array_equal(update, 0.0, err_msg=path)
+
+    torch_params = []
+    for g in grads_np.values():
+        p = torch.nn.Parameter(torch.zeros(g.shape))
+        p.grad = torch.from_numpy(g.copy())
+        torch_params.append(p)
+    total = torch.nn.utils.clip_grad_norm_(torch_params, 0.01)
+    assert torch.isinf(total)
+    assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in torch_params)
+
+    assert nonfinite_note(3, {"loss": 120.0, "grad_norm": 2.5}) is None
+    assert "overflowed float32 (inf)" in nonfinite_note(3, {"loss": 120.0, "grad_norm": float("inf")})
+    assert nonfinite_note(3, {"loss": float("nan"), "grad_norm": 1.0}).startswith("step 3: the loss is nan")
+
+
 def test_schedules_match_detectron2_formulas():
     poly = make_schedule(1e-4, schedule="poly", total_steps=100, poly_power=0.9)
     for count in (0, 10, 50, 99, 100):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -147,6 +148,25 @@ def validate(forward, params, dataset, size, num_labels: int, max_images: Option
     return {"mIoU": float(result["mIoU"]), "pACC": float(result["pACC"])}
 
 
+def nonfinite_note(step: int, metrics: Dict[str, float]) -> Optional[str]:
+    """What a step's non-finite loss or gradient norm means, or None when both are finite.
+
+    A float32 gradient norm overflows (inf) once any gradient entry passes ~1.8e19, which a
+    from-scratch Swin gives on zero-padded crops (LayerNorm of an all-zero token multiplies its
+    gradient by 1/sqrt(eps) per block; transformers' model does the same). Clipping then scales the
+    update to zero, exactly as ``torch.nn.utils.clip_grad_norm_`` does."""
+    loss, grad_norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
+    if not math.isfinite(loss):
+        return (f"step {step}: the loss is {loss}; the parameters are likely non-finite now. Lower "
+                "--lr or check the data (targets, image values).")
+    if not math.isfinite(grad_norm):
+        return (f"step {step}: the gradient's global norm overflowed float32 ({grad_norm}), so "
+                "gradient clipping made this update zero (as torch's clip_grad_norm_ does). Expected "
+                "in the first steps of a Swin trained from scratch on zero-padded crops; if it "
+                "persists, raise --min-scale (less padding), lower --lr, or fine-tune a checkpoint.")
+    return None
+
+
 def write_progress(done: int, total: int, suffix: str = "") -> None:
     """A one-line text progress bar on stderr, rewritten in place; ends the line when done."""
     filled = int(24 * done / max(total, 1))
@@ -205,6 +225,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     val_size = args.val_size or args.crop
     val_every = args.val_every or args.steps
     last, val_metrics, val_initial = {}, {}, None
+    nonfinite_steps = 0  # steps with a non-finite loss or gradient norm
     with open(log_path, "a") as log, batches:
         if args.val_first and int(state.step) == 0:
             val_initial = validate(forward, state.params, val_set, val_size, config.num_labels)
@@ -216,6 +237,11 @@ def train(args: TrainArgs) -> Dict[str, Any]:
             state, metrics = step_fn(state, batch)
             step = int(state.step)
             last = {k: float(v) for k, v in metrics.items()}
+            note = nonfinite_note(step, last)
+            if note is not None:
+                nonfinite_steps += 1
+                if nonfinite_steps == 1:  # once; the JSONL log has every step's values
+                    print(("\n" if args.progress else "") + "warning: " + note, file=sys.stderr)
             now = time.perf_counter()
             images_per_s = args.batch_size / max(now - t_last, 1e-9)
             t_last = now
@@ -240,4 +266,4 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
     ).save_pretrained(export)
     return {"step": int(state.step), "train": last, "val": val_metrics, "val_initial": val_initial,
-            "export": export, "log": log_path}
+            "export": export, "log": log_path, "nonfinite_steps": nonfinite_steps}
