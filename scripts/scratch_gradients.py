@@ -20,7 +20,6 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH_KEYS = ("pixel_values", "mask_labels", "class_labels", "label_valid")
 
 
 def first_batch(root: str, crop: int, batch_size: int, seed: int):
@@ -28,6 +27,7 @@ def first_batch(root: str, crop: int, batch_size: int, seed: int):
     from m2f_jax.data.augment import TrainTransform
     from m2f_jax.data.pipeline import BatchIterator
     from m2f_jax.training.run import open_dataset
+    from m2f_jax.training.train_step import BATCH_KEYS
 
     dataset = open_dataset(root, "semantic", "train")
     with BatchIterator(dataset, batch_size, TrainTransform(crop_size=crop), max_masks=32, seed=seed,
@@ -52,8 +52,8 @@ def jax_gradients(batch, id2label, seed: int):
         return sum(global_batch_losses(module, loss_config, p, b, key).values())
 
     grads = jax.jit(jax.grad(loss))(params, batch)
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(g)
-            for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}, config
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(g)
+            for path, g in jax.tree_util.tree_leaves_with_path(grads)}, config
 
 
 def torch_gradients(batch, config, seed: int):

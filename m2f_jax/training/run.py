@@ -187,7 +187,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
     from m2f_jax.training.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
-    from m2f_jax.training.train_step import TrainState, make_train_step
+    from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_train_step
 
     train_set = open_dataset(args.data, args.format, "train")
     val_set = open_dataset(args.data, args.format, "val")
@@ -233,7 +233,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         t_last = time.perf_counter()
         while int(state.step) < args.steps:
             batch = next(batches)
-            batch = {k: batch[k] for k in ("pixel_values", "mask_labels", "class_labels", "label_valid")}
+            batch = {k: batch[k] for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
             step = int(state.step)
             last = {k: float(v) for k, v in metrics.items()}
