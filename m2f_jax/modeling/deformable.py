@@ -81,59 +81,57 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
 #
 # How it is made fast on XLA:CPU (each measured with the profiler on the Swin-T pixel decoder):
 # * The corner rows and weights of all samples are computed once, as (n, 4, N) tables, and the
-#   gathers run in a ``lax.scan`` over the n = L*P samples. Written as straight-line code, XLA
+#   gathers run in a ``lax.scan`` over the n = L*P samples. The tables are computed for all levels
+#   and points in one pass (per-sample slices made XLA recompute the attention softmax in each). Written as straight-line code, XLA
 #   fused the corner arithmetic into every gather and scatter and recomputed it for each of the hd
 #   channels; a loop's inputs are materialised, so each gather reads a plain index (5x forward).
 # * Rows are uint32, so the gathers carry no negative-index wrap-around.
 # * The backward is hand-written (custom_vjp): each corner is gathered once more and reduced
-#   against the output gradient, and the value gradient is scatter-added row by row. XLA's own
+#   against the output gradient, and the value gradient is scatter-added row by row. The four
+#   corners' dot products are one 4-operand reduce: XLA:CPU then fuses the gathers and products
+#   into it (a plain sum went to a library reduce that read each gathered corner from memory). XLA's own
 #   derivative of the gathers re-gathered the corners into several consumers.
 # * Under ``vmap`` (the train step maps the model over examples) the forward and backward fold
 #   the mapped axis into the batch axis (custom_vmap) instead of batching every gather.
 
 
-def _level_corners(level_shape, level_start, num_rows, locations):
-    """For one level and one sampling point: locations (B, Sq, nh, 2) -> rows (4, B, Sq, nh)
-    int32 into the (B*S*nh, hd) value view, bilinear weights (4, B, Sq, nh) (0 outside the level),
-    inside (4, B, Sq, nh) float (1 where the corner is in the level), fx, fy (B, Sq, nh)."""
-    h, w = level_shape
-    b, sq, nh, _ = locations.shape
-    x0, y0, fx, fy = _pixel_coords(h, w, locations)  # (B, Sq, nh)
-    batch = (jnp.arange(b, dtype=jnp.int32) * num_rows)[:, None, None]  # (B, 1, 1)
-    head = jnp.arange(nh, dtype=jnp.int32)[None, None, :]  # (1, 1, nh)
+def _corner_tables(spatial_shapes, value_shape, sampling_locations, attention_weights):
+    """Every sample's bilinear corners, computed for all levels and points at once.
+
+    Args:
+      spatial_shapes: static ((H_0, W_0), ...).
+      value_shape: (B, S, nh, hd) of the value; its rows are the (B*S*nh, hd) view.
+      sampling_locations: (B, Sq, nh, L, P, 2) as (x, y) in [0, 1].
+      attention_weights: (B, Sq, nh, L, P).
+    Returns:
+      rows: (n, 4, N) uint32 into the value rows, n = L*P (level-major), N = B*Sq*nh; a corner
+        outside its level is clamped onto any valid row and has weight 0.
+      coefs: (n, 4, N) float32, bilinear weight x attention weight.
+      pieces: (weight, inside) (4, B, Sq, nh, L, P) and fx, fy (B, Sq, nh, L, P), for the backward.
+    """
+    b, s, nh, _ = value_shape
+    num_samples = sampling_locations.shape[3] * sampling_locations.shape[4]
+    sizes = np.array(spatial_shapes, np.int32)  # (L, 2) as (H, W)
+    h, w = sizes[:, 0:1], sizes[:, 1:2]  # (L, 1): broadcast over the points axis
+    start = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]]).astype(np.int32)[:, None]
+    x0, y0, fx, fy = _pixel_coords(h, w, sampling_locations)  # (B, Sq, nh, L, P)
+    batch = (np.arange(b, dtype=np.int32) * s)[:, None, None, None, None]
+    head = np.arange(nh, dtype=np.int32)[None, None, :, None, None]
     rows, weights, insides = [], [], []
     for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
         xi, yi = x0 + dx, y0 + dy
         inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        pixel = level_start + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (B, Sq, nh)
+        pixel = start + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (B, Sq, nh, L, P)
         rows.append((batch + pixel) * nh + head)
         weights.append(jnp.where(inside, wy * wx, 0.0))
         insides.append(inside.astype(jnp.float32))
-    return jnp.stack(rows), jnp.stack(weights), jnp.stack(insides), fx, fy
+    weight, inside = jnp.stack(weights), jnp.stack(insides)  # (4, B, Sq, nh, L, P)
+    coef = weight * attention_weights.astype(jnp.float32)[None]
 
+    def per_sample(t):  # (4, B, Sq, nh, L, P) -> (L*P, 4, B*Sq*nh)
+        return jnp.moveaxis(t, (4, 5), (0, 1)).reshape(num_samples, 4, -1)
 
-def _samples(spatial_shapes, num_points):
-    """(level, point, (H, W), start) for every sampling point of every level."""
-    start = 0
-    for level, (h, w) in enumerate(spatial_shapes):
-        for point in range(num_points):
-            yield level, point, (h, w), start
-        start += h * w
-
-
-def _corner_tables(spatial_shapes, value_shape, sampling_locations, attention_weights, dtype):
-    """Every sample's corners, level-major as :func:`_samples` yields them: the per-sample pieces
-    ``(weight, inside, fx, fy, attention)`` for the backward, and the (n, 4, N) tables the loops
-    read: rows uint32 into the (N, hd) value view and coefficients (bilinear weight x attention)."""
-    _, s, _, _ = value_shape
-    pieces, rows, coefs = [], [], []
-    for level, point, shape, start in _samples(spatial_shapes, sampling_locations.shape[4]):
-        index, weight, inside, fx, fy = _level_corners(shape, start, s, sampling_locations[:, :, :, level, point])
-        a = attention_weights[:, :, :, level, point].astype(jnp.float32)  # (B, Sq, nh)
-        pieces.append((weight, inside, fx, fy, a))
-        rows.append(index.reshape(4, -1).astype(jnp.uint32))
-        coefs.append((weight * a[None]).reshape(4, -1))
-    return pieces, jnp.stack(rows), jnp.stack(coefs).astype(dtype)
+    return per_sample(jnp.stack(rows).astype(jnp.uint32)), per_sample(coef), (weight, inside, fx, fy)
 
 
 def _take(rows, index):
@@ -141,10 +139,19 @@ def _take(rows, index):
     return rows.at[index].get(mode="promise_in_bounds")
 
 
+def _lane_dots(corners, g):
+    # 4 x (N, hd), (N, hd) -> (4, N): one 4-operand reduce over the channel axis
+    zeros = (jnp.float32(0),) * len(corners)
+    sums = jax.lax.reduce(tuple(c * g for c in corners), zeros,
+                          lambda x, y: tuple(a + b for a, b in zip(x, y)), (1,))
+    return jnp.stack(sums)
+
+
 def _msda_forward(spatial_shapes, value, sampling_locations, attention_weights):
     b, s, nh, hd = value.shape
     rows = value.reshape(b * s * nh, hd)
-    _, index, coef = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights, value.dtype)
+    index, coef, _ = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights)
+    coef = coef.astype(value.dtype)
 
     def add_sample(out, tables):
         index, coef = tables  # (4, N) each
@@ -160,31 +167,28 @@ def _msda_backward(spatial_shapes, value, sampling_locations, attention_weights,
     b, s, nh, hd = value.shape
     rows = value.reshape(b * s * nh, hd)
     g = grad.reshape(-1, hd)  # (N, hd)
-    pieces, index, coef = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights, g.dtype)
+    index, coef, (weight, inside, fx, fy) = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights)
+    coef = coef.astype(g.dtype)
     g32 = g.astype(jnp.float32)
 
     def sample_grads(d_rows, tables):
         index, coef = tables  # (4, N) each
-        dots = []
+        # <grad, corner value>; a corner outside the level read a clamped row (masked below)
+        dots = _lane_dots([_take(rows, index[k]).astype(jnp.float32) for k in range(4)], g32)
         for k in range(4):
-            # <grad, corner value>; a corner outside the level read a clamped row (masked below)
-            dots.append(jnp.sum(_take(rows, index[k]).astype(jnp.float32) * g32, -1))
             d_rows = d_rows.at[index[k]].add(g * coef[k][:, None], mode="promise_in_bounds")
-        return d_rows, jnp.stack(dots)
+        return d_rows, dots
 
     d_rows, dots = jax.lax.scan(sample_grads, jnp.zeros_like(rows), (index, coef))  # dots (n, 4, N)
-    dots = dots.reshape(len(pieces), 4, b, -1, nh)
-    d_locs, d_attns = [], []  # one (B, Sq, nh[, 2]) per sample
-    for (_, _, (h, w), _), (weight, inside, fx, fy, a), dot in zip(
-        _samples(spatial_shapes, sampling_locations.shape[4]), pieces, dots
-    ):
-        masked = inside * dot  # (4, B, Sq, nh)
-        d_attns.append(jnp.sum(weight * masked, axis=0))
-        d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
-        d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
-        d_locs.append(jnp.stack([d_fx * w, d_fy * h], axis=-1))  # x = loc_x * W - 0.5
-    d_loc = jnp.stack(d_locs, axis=3).reshape(sampling_locations.shape)  # (B, Sq, nh, L, P, 2)
-    d_attn = jnp.stack(d_attns, axis=3).reshape(attention_weights.shape)  # (B, Sq, nh, L, P)
+    _, sq, _, nl, npt, _ = sampling_locations.shape
+    dots = jnp.moveaxis(dots.reshape(nl, npt, 4, b, sq, nh), (0, 1), (4, 5))  # (4, B, Sq, nh, L, P)
+    masked = inside * dots
+    a = attention_weights.astype(jnp.float32)  # (B, Sq, nh, L, P)
+    d_attn = sum(weight[k] * masked[k] for k in range(4))  # elementwise, not a reduce over the corner axis
+    d_fx = a * ((1 - fy) * (masked[1] - masked[0]) + fy * (masked[3] - masked[2]))
+    d_fy = a * ((1 - fx) * (masked[2] - masked[0]) + fx * (masked[3] - masked[1]))
+    sizes = np.array(spatial_shapes, np.float32)[:, None, :]  # (L, 1, 2) as (H, W)
+    d_loc = jnp.stack([d_fx * sizes[..., 1], d_fy * sizes[..., 0]], axis=-1)  # x = loc_x * W - 0.5
     return (d_rows.reshape(value.shape), d_loc.astype(sampling_locations.dtype),
             d_attn.astype(attention_weights.dtype))
 

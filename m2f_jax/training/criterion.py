@@ -289,6 +289,10 @@ def _stack_levels(
     class_queries_logits, masks_queries_logits, auxiliary_logits
 ) -> Dict[str, jax.Array]:
     """Final + auxiliary predictions -> {"class_queries_logits": (L, B, Q, K+1), ...}."""
+    final = {
+        "class_queries_logits": class_queries_logits,
+        "masks_queries_logits": masks_queries_logits,
+    }
     if auxiliary_logits is None:
         auxiliary_logits = []
     if isinstance(auxiliary_logits, Mapping):  # stacked arrays with a leading level axis
@@ -305,28 +309,20 @@ def _stack_levels(
                     f"auxiliary_logits[{i}] must be a dict with keys {PREDICTION_KEYS} "
                     "(transformers' `auxiliary_logits` format)."
                 )
-        aux = {
-            k: jnp.stack([jnp.asarray(level[k]) for level in auxiliary_logits])
-            if len(auxiliary_logits)
-            else None
-            for k in PREDICTION_KEYS
-        }
-    final = {
-        "class_queries_logits": class_queries_logits,
-        "masks_queries_logits": masks_queries_logits,
-    }
-    out = {}
+        aux = {k: [jnp.asarray(level[k]) for level in auxiliary_logits] for k in PREDICTION_KEYS}
     for k in PREDICTION_KEYS:
-        if aux[k] is None:
-            out[k] = final[k][None]
-            continue
-        if aux[k].shape[1:] != final[k].shape:
+        level_shapes = [a.shape for a in aux[k]] if isinstance(aux[k], list) else [aux[k].shape[1:]]
+        bad = [shape for shape in level_shapes if shape != final[k].shape]
+        if bad:
             raise ValueError(
                 f"auxiliary {k} must have shape (num_aux, *{tuple(final[k].shape)}) like the final "
-                f"prediction, got {tuple(aux[k].shape)}."
+                f"prediction; a level has shape {tuple(bad[0])}."
             )
-        out[k] = jnp.concatenate([final[k][None], aux[k].astype(final[k].dtype)], axis=0)
-    return out
+    if isinstance(aux["class_queries_logits"], list):
+        # one stack of final + auxiliary levels (stacking the auxiliary levels first and then
+        # concatenating the final one copied the (L, B, Q, h, w) mask logits twice)
+        return {k: jnp.stack([final[k]] + [a.astype(final[k].dtype) for a in aux[k]]) for k in PREDICTION_KEYS}
+    return {k: jnp.concatenate([final[k][None], aux[k].astype(final[k].dtype)], axis=0) for k in PREDICTION_KEYS}
 
 
 def _stack_given_points(given_points, num_levels, batch_size, cfg: LossConfig):
