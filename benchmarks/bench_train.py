@@ -28,6 +28,9 @@ A shared CPU drifts by 20-30% over minutes, and the two workers run one after th
 round's ratio moves with it. ``--rounds R`` runs transformers, m2f_jax, transformers, ... R times
 each and reports every round's ratio and their median; later JAX workers load the compiled step
 from a persistent compilation cache (the compile time is the first round's).
+
+The m2f_jax step is compiled with ``train_compiler_options()``, as ``m2f-jax train`` compiles it;
+``--xla-defaults`` compiles it with XLA's defaults instead, to measure what the options do.
 """
 from __future__ import annotations
 
@@ -82,7 +85,8 @@ def _torch_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1)
     )
 
 
-def worker(framework: str, size: int, batch: int, targets: int, steps: int, threads: int, dtype: str) -> dict:
+def worker(framework: str, size: int, batch: int, targets: int, steps: int, threads: int, dtype: str,
+           xla_defaults: bool = False) -> dict:
     images, masks, classes, valid = make_batch(batch, size, targets, max_masks=max(targets, 1))
     torch_model = _hf_model()  # SwinConfig's default drop_path_rate 0.1
     result = dict(framework=framework, size=size, batch=batch)
@@ -119,7 +123,7 @@ def worker(framework: str, size: int, batch: int, targets: int, steps: int, thre
 
         from m2f_jax.training.criterion import LossConfig
         from m2f_jax.training.optimizer import make_optimizer
-        from m2f_jax.training.train_step import TrainState, make_train_step
+        from m2f_jax.training.train_step import TrainState, make_train_step, train_compiler_options
 
         module, params = jax_model(torch_model)
         config = module.config
@@ -132,8 +136,11 @@ def worker(framework: str, size: int, batch: int, targets: int, steps: int, thre
             jax.config.update("jax_compilation_cache_dir", cache)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        options = {} if xla_defaults else train_compiler_options()
+        result["compiler_options"] = options
         step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer,
-                                          compute_dtype=compute_dtype), donate_argnums=0)
+                                          compute_dtype=compute_dtype), donate_argnums=0,
+                          compiler_options=options)
         data = jax.device_put(dict(pixel_values=images, mask_labels=masks, class_labels=classes, label_valid=valid))
         t0 = time.perf_counter()
         abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer.tx, 0), params)
@@ -174,11 +181,14 @@ def main():
     parser.add_argument("--hugepages", action="store_true",
                         help="both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see above)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the two workers this many times")
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="compile the m2f_jax step without train_compiler_options() (XLA's defaults)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (2 if args.quick else 4)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size, args.batch, args.targets, steps, args.threads, args.dtype)))
+        print(json.dumps(worker(args.worker, args.size, args.batch, args.targets, steps, args.threads, args.dtype,
+                                args.xla_defaults)))
         return
 
     env = dict(os.environ)
@@ -195,7 +205,7 @@ def main():
             for fw in ("transformers", "m2f_jax"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--size", str(args.size),
                        "--batch", str(args.batch), "--targets", str(args.targets), "--steps", str(steps),
-                       "--threads", str(args.threads), "--dtype", args.dtype]
+                       "--threads", str(args.threads), "--dtype", args.dtype] + (["--xla-defaults"] if args.xla_defaults else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 if out.returncode:
                     sys.exit(f"{fw} failed:\n{out.stderr[-3000:]}")
@@ -212,7 +222,8 @@ def main():
           f"{args.targets} targets/image, m2f_jax {args.dtype}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, median of {steps} steps"
           f"{f', median of {args.rounds} alternating rounds' if args.rounds > 1 else ''}"
-          f"{', GLIBC_TUNABLES=' + env['GLIBC_TUNABLES'] if args.hugepages else ''}\n")
+          f"{', GLIBC_TUNABLES=' + env['GLIBC_TUNABLES'] if args.hugepages else ''}"
+          f", m2f_jax compiler options {first['m2f_jax']['compiler_options'] or 'XLA defaults'}\n")
     print("| | step s | img/s | peak MB | page faults / step | first loss | compile s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| transformers | {t['median_s']:.2f} | {t['images_per_s']:.3f} | {t['peak_mem_mb']:.0f} | "

@@ -94,15 +94,17 @@ def flat(tree, prefix=""):
     }
 
 
-def first_step(compute_dtype=None):
+def first_step(compute_dtype=None, compiler_options=None):
     """The first train step of the test model on its batch, in this process: (params before,
-    state after, metrics, the compiled step, batch, step key)."""
+    state after, metrics, the compiled step, batch, step key). ``compiler_options`` are added to
+    FAST_CPU_COMPILE."""
     module, loss_config, params, batch = setup()
     optimizer = make_optimizer(params, **OPTIMIZER)
     state = ts.TrainState.create(params, optimizer.tx, jax.random.key(SEED))
     step_key = jax.random.fold_in(state.key, 0)  # what step 0 draws from by default
     step = jax.jit(ts.make_train_step(module, loss_config, optimizer, compute_dtype=compute_dtype))
-    compiled = step.lower(state, batch, step_key).compile(compiler_options=FAST_CPU_COMPILE)
+    options = {**FAST_CPU_COMPILE, **(compiler_options or {})}
+    compiled = step.lower(state, batch, step_key).compile(compiler_options=options)
     state1, metrics = compiled(state, batch, step_key)
     return params, state1, metrics, compiled, batch, step_key
 

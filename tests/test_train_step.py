@@ -21,6 +21,7 @@ from m2f_jax.training.optimizer import (
     make_schedule,
     weight_decay_mask,
 )
+from m2f_jax.training import train_step as ts
 from m2f_jax.training.train_step import TrainState, make_generic_train_step
 from tests import _multidevice_check as md
 
@@ -126,6 +127,55 @@ def test_bf16_compute_step_keeps_float32_state_and_tracks_the_float32_step(singl
     )
     cosine = update @ reference_update / np.linalg.norm(update) / np.linalg.norm(reference_update)
     assert cosine > 0.95, cosine
+
+
+def _ynn_reduce_fusions(compiled_text: str) -> int:
+    """YNNPACK fusions of a compiled program whose computation holds a reduce."""
+    import re
+
+    count = 0
+    for name in re.findall(r"kind=kCustom, calls=%([\w.\-]+)[^\n]*__ynn_fusion", compiled_text):
+        body = re.search(r"^%" + re.escape(name) + r" .*?^}", compiled_text, re.M | re.S).group(0)
+        count += " reduce(" in body
+    return count
+
+
+def test_cpu_compiler_options_take_reductions_from_ynnpack():
+    """train_compiler_options() on CPU: the options are accepted by this jaxlib and change what
+    they say (a softmax backward's reductions leave YNNPACK), and nothing on other backends."""
+    options = ts.train_compiler_options()
+    assert options == ts.CPU_TRAIN_COMPILER_OPTIONS
+    assert ts.train_compiler_options("gpu") == {} and ts.train_compiler_options("tpu") == {}
+
+    def softmax_grad(x, y):
+        return jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, -1) * y))(x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 100, 576)), jnp.float32)
+    lowered = jax.jit(softmax_grad).lower(x, x)
+    default, with_options = lowered.compile(), lowered.compile(compiler_options=options)
+    assert _ynn_reduce_fusions(default.as_text()) > 0  # else the option has nothing to change
+    assert _ynn_reduce_fusions(with_options.as_text()) == 0
+    np.testing.assert_allclose(with_options(x, x), default(x, x), atol=1e-7)
+
+
+def test_cpu_compiler_options_fall_back_to_xla_defaults_when_rejected(monkeypatch):
+    monkeypatch.setitem(ts.CPU_TRAIN_COMPILER_OPTIONS, "xla_cpu_experimental_ynn_fusion_type",
+                        "LIBRARY_FUSION_TYPE_NO_SUCH_KIND")
+    ts._supported_cpu_options.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="XLA's defaults"):
+            assert ts.train_compiler_options("cpu") == {}
+    finally:
+        ts._supported_cpu_options.cache_clear()
+
+
+def test_train_step_with_cpu_compiler_options_matches_xla_defaults_atol_1e5(single):
+    """The step compiled with train_compiler_options() against the reference step compiled with
+    XLA's defaults (same state, batch and key): the same loss terms and update."""
+    _, state1, metrics, _, _, _ = md.first_step(compiler_options=ts.train_compiler_options())
+    for name, value in metrics.items():
+        np.testing.assert_allclose(float(value), single["metrics"][name], rtol=1e-5, err_msg=name)
+    assert _max_diff(_flat(state1.params), single["params"]) < 1e-5
 
 
 def _stand_in_loss(params, batch, key):

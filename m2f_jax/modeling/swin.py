@@ -152,7 +152,11 @@ def window_attention(
       (B, nW, T, nh, hd) in the dtype of ``value``.
     """
     head_dim = query.shape[-1]
-    scores = jnp.einsum("bwqhd,bwkhd->bwhqk", query, key)  # (B, nW, nh, T, T)
+    # Heads next to the windows first, so that every product below is a plain batched matmul over
+    # (B, nW, nh): with the heads between the token and channel axes, XLA:CPU transposed inside
+    # each product of the backward (Swin-T grad 1.95 -> 1.83 s at 384x384, batch 2).
+    query, key, value = (jnp.swapaxes(t, 2, 3) for t in (query, key, value))  # (B, nW, nh, T, hd)
+    scores = jnp.einsum("bwhqd,bwhkd->bwhqk", query, key)  # (B, nW, nh, T, T)
     scores = scores.astype(jnp.float32) * (head_dim**-0.5)
     scores = scores + relative_position_bias.astype(jnp.float32)  # broadcast over (B, nW)
     if shift_mask is not None:
@@ -162,7 +166,8 @@ def window_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     probs = probs.astype(value.dtype)
-    return jnp.einsum("bwhqk,bwkhd->bwqhd", probs, value)  # (B, nW, T, nh, hd)
+    out = jnp.einsum("bwhqk,bwhkd->bwhqd", probs, value)  # (B, nW, nh, T, hd)
+    return jnp.swapaxes(out, 2, 3)  # (B, nW, T, nh, hd)
 
 
 def patch_merge_gather(x: jax.Array) -> jax.Array:

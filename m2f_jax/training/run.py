@@ -187,7 +187,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
     from m2f_jax.training.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
-    from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_train_step
+    from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_train_step, train_compiler_options
 
     train_set = open_dataset(args.data, args.format, "train")
     val_set = open_dataset(args.data, args.format, "val")
@@ -203,7 +203,8 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         clip_norm=args.clip_norm, total_steps=args.steps, warmup_steps=args.warmup_steps,
     )
     state = TrainState.create(params, optimizer.tx, args.seed)
-    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer), donate_argnums=0)
+    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer), donate_argnums=0,
+                      compiler_options=train_compiler_options())
     forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
 
     os.makedirs(args.out, exist_ok=True)
