@@ -169,6 +169,29 @@ def test_cpu_compiler_options_fall_back_to_xla_defaults_when_rejected(monkeypatc
         ts._supported_cpu_options.cache_clear()
 
 
+def test_default_example_groups_one_chain_per_core_on_cpu_only_for_large_crops():
+    cores = len(os.sched_getaffinity(0))
+    assert ts.default_example_groups(8, (384, 384), "cpu") == min(8, cores)
+    assert ts.default_example_groups(8, (256, 256), "cpu") == min(8, cores)
+    assert ts.default_example_groups(1, (384, 384), "cpu") == 1
+    assert ts.default_example_groups(8, (255, 256), "cpu") == 1  # small crops: one vmap
+    assert ts.default_example_groups(8, (384, 384), "gpu") == 1
+    assert ts.default_example_groups(8, (384, 384), "tpu") == 1
+
+
+def test_train_step_with_one_vmap_matches_the_per_core_chains_atol_1e5(single):
+    """example_groups=1 (one vmap over the batch, as on accelerators) against the reference step
+    with one chain per example (example_groups=BATCH): the same loss terms and update."""
+    assert md.BATCH >= 2
+    _, reference, ref_metrics, _, _, _ = md.first_step(example_groups=md.BATCH)
+    _, state1, metrics, _, _, _ = md.first_step(example_groups=1)
+    for name, value in metrics.items():
+        np.testing.assert_allclose(float(value), float(ref_metrics[name]), rtol=1e-5, err_msg=name)
+    assert _max_diff(_flat(state1.params), _flat(reference.params)) < 1e-5
+    with pytest.raises(ValueError, match="example_groups must be in"):
+        md.first_step(example_groups=md.BATCH + 1)
+
+
 def test_train_step_with_cpu_compiler_options_matches_xla_defaults_atol_1e5(single):
     """The step compiled with train_compiler_options() against the reference step compiled with
     XLA's defaults (same state, batch and key): the same loss terms and update."""
