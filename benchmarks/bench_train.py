@@ -205,7 +205,8 @@ def main():
             for fw in ("transformers", "m2f_jax"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--size", str(args.size),
                        "--batch", str(args.batch), "--targets", str(args.targets), "--steps", str(steps),
-                       "--threads", str(args.threads), "--dtype", args.dtype] + (["--xla-defaults"] if args.xla_defaults else [])
+                       "--threads", str(args.threads), "--dtype", args.dtype]
+                cmd += ["--xla-defaults"] if args.xla_defaults else []
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 if out.returncode:
                     sys.exit(f"{fw} failed:\n{out.stderr[-3000:]}")

@@ -140,6 +140,15 @@ def _ynn_reduce_fusions(compiled_text: str) -> int:
     return count
 
 
+def _assert_matches_reference_step(single, **first_step_args):
+    """md.first_step(**first_step_args) gives the reference step's metrics (rtol 1e-5) and
+    params (atol 1e-5): same state, batch and key."""
+    _, state1, metrics, _, _, _ = md.first_step(**first_step_args)
+    for name, value in metrics.items():
+        np.testing.assert_allclose(float(value), single["metrics"][name], rtol=1e-5, err_msg=name)
+    assert _max_diff(_flat(state1.params), single["params"]) < 1e-5
+
+
 def test_cpu_compiler_options_take_reductions_from_ynnpack():
     """train_compiler_options() on CPU: the options are accepted by this jaxlib and change what
     they say (a softmax backward's reductions leave YNNPACK), and nothing on other backends."""
@@ -184,21 +193,16 @@ def test_train_step_with_two_example_chains_matches_one_vmap_atol_1e5(single):
     reference step, one vmap over the batch (its 64x64 crops get one chain by default): the same
     loss terms and update."""
     assert md.BATCH == 4 and md.SIZE**2 < ts.MIN_PIXELS_PER_CHAIN
-    _, state1, metrics, _, _, _ = md.first_step(example_groups=2)
-    for name, value in metrics.items():
-        np.testing.assert_allclose(float(value), single["metrics"][name], rtol=1e-5, err_msg=name)
-    assert _max_diff(_flat(state1.params), single["params"]) < 1e-5
-    with pytest.raises(ValueError, match="example_groups must be in"):
-        md.first_step(example_groups=md.BATCH + 1)
+    _assert_matches_reference_step(single, example_groups=2)
+    for bad in (0, md.BATCH + 1):
+        with pytest.raises(ValueError, match="example_groups must be in"):
+            md.first_step(example_groups=bad)
 
 
 def test_train_step_with_cpu_compiler_options_matches_xla_defaults_atol_1e5(single):
     """The step compiled with train_compiler_options() against the reference step compiled with
     XLA's defaults (same state, batch and key): the same loss terms and update."""
-    _, state1, metrics, _, _, _ = md.first_step(compiler_options=ts.train_compiler_options())
-    for name, value in metrics.items():
-        np.testing.assert_allclose(float(value), single["metrics"][name], rtol=1e-5, err_msg=name)
-    assert _max_diff(_flat(state1.params), single["params"]) < 1e-5
+    _assert_matches_reference_step(single, compiler_options=ts.train_compiler_options())
 
 
 def _stand_in_loss(params, batch, key):

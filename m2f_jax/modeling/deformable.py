@@ -82,15 +82,15 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
 # How it is made fast on XLA:CPU (each measured with the profiler on the Swin-T pixel decoder):
 # * The corner rows and weights of all samples are computed once, as (n, 4, N) tables, and the
 #   gathers run in a ``lax.scan`` over the n = L*P samples. The tables are computed for all levels
-#   and points in one pass (per-sample slices made XLA recompute the attention softmax in each). Written as straight-line code, XLA
-#   fused the corner arithmetic into every gather and scatter and recomputed it for each of the hd
+#   and points in one pass (per-sample slices made XLA recompute the attention softmax in each).
+#   Written as straight-line code, XLA fused the corner arithmetic into every gather and scatter and recomputed it for each of the hd
 #   channels; a loop's inputs are materialised, so each gather reads a plain index (5x forward).
 # * Rows are uint32, so the gathers carry no negative-index wrap-around.
 # * The backward is hand-written (custom_vjp): each corner is gathered once more and reduced
 #   against the output gradient, and the value gradient is scatter-added row by row. The four
 #   corners' dot products are one 4-operand reduce: XLA:CPU then fuses the gathers and products
-#   into it (a plain sum went to a library reduce that read each gathered corner from memory). XLA's own
-#   derivative of the gathers re-gathered the corners into several consumers.
+#   into it (a plain sum went to a library reduce that read each gathered corner from memory).
+#   XLA's own derivative of the gathers re-gathered the corners into several consumers.
 # * Under ``vmap`` (the train step maps the model over examples) the forward and backward fold
 #   the mapped axis into the batch axis (custom_vmap) instead of batching every gather.
 
@@ -167,7 +167,9 @@ def _msda_backward(spatial_shapes, value, sampling_locations, attention_weights,
     b, s, nh, hd = value.shape
     rows = value.reshape(b * s * nh, hd)
     g = grad.reshape(-1, hd)  # (N, hd)
-    index, coef, (weight, inside, fx, fy) = _corner_tables(spatial_shapes, value.shape, sampling_locations, attention_weights)
+    index, coef, (weight, inside, fx, fy) = _corner_tables(
+        spatial_shapes, value.shape, sampling_locations, attention_weights
+    )
     coef = coef.astype(g.dtype)
     g32 = g.astype(jnp.float32)
 

@@ -191,7 +191,9 @@ def _per_example_numerators(module, cfg: LossConfig, params, example, key):
 MIN_PIXELS_PER_CHAIN = 256 * 256
 
 
-def default_example_groups(local_batch: int, image_size: Tuple[int, int], platform: Optional[str] = None) -> int:
+def default_example_groups(
+    local_batch: int, image_size: Tuple[int, int], platform: Optional[str] = None
+) -> int:
     """How many independent per-example chains a step traces: on CPU, for crops of at least
     ``MIN_PIXELS_PER_CHAIN`` pixels, one per core (at most one per example); else 1 (one
     ``vmap`` over the whole batch).
@@ -235,7 +237,10 @@ def global_batch_losses(
         example_index = first + jnp.arange(local_batch)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_index)
     examples = {k: batch[k] for k in BATCH_KEYS}
-    groups = example_groups or default_example_groups(local_batch, batch["pixel_values"].shape[1:3])
+    if example_groups is None:
+        groups = default_example_groups(local_batch, batch["pixel_values"].shape[1:3])
+    else:
+        groups = example_groups
     if not 1 <= groups <= local_batch:
         raise ValueError(f"example_groups must be in [1, {local_batch}] (the local batch), got {groups}.")
     per_group = jax.vmap(lambda ex, k: _per_example_numerators(module, cfg, params, ex, k))
