@@ -7,7 +7,8 @@ same run, same weights, train mode (dropout, drop-path, LayerDrop active).
 The loss of each part is a sum of squares of its outputs (a stand-in, so that the backward runs
 through every output). m2f_jax maps each part over the examples with ``vmap``, as the train step
 does; transformers runs the batch. Each part's inputs are the previous part's outputs, computed
-once. Times are the best of ``--repeats`` calls (compile excluded for JAX). Read the ratios: on a
+once. m2f_jax's parts compile with ``train_compiler_options()``, as the train step does. Times are
+the best of ``--repeats`` calls (compile excluded for JAX). Read the ratios: on a
 shared CPU the seconds move by 20-30% between runs.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ def jax_times(torch_model, images, repeats):
     from m2f_jax.modeling.decoder import TransformerModule
     from m2f_jax.modeling.pixel_decoder import PixelDecoder
     from m2f_jax.modeling.swin import SwinBackbone
+    from m2f_jax.training.train_step import train_compiler_options
 
     module, params = jax_model(torch_model)
     cfg = module.config
@@ -76,9 +78,10 @@ def jax_times(torch_model, images, repeats):
     out = {}
     for name, (part, p) in parts.items():
         args = inputs[name]
-        fwd = jax.jit(lambda p, *a, part=part: per_example(part, p, *a, key=key))
+        options = train_compiler_options()  # as the train step is compiled
+        fwd = jax.jit(lambda p, *a, part=part: per_example(part, p, *a, key=key), compiler_options=options)
         grad = jax.jit(jax.grad(lambda p, *a, part=part: sum_sq(per_example(part, p, *a, key=key)),
-                                argnums=tuple(range(len(args) + 1))))
+                                argnums=tuple(range(len(args) + 1))), compiler_options=options)
         fwd_c = fwd.lower(p, *args).compile()
         grad_c = grad.lower(p, *args).compile()
         out[name] = (_best(lambda: jax.block_until_ready(fwd_c(p, *args)), repeats),

@@ -1,5 +1,5 @@
 """The pixel decoder's convolutions (m2f_jax/modeling/conv.py) against torch: outputs and both
-gradients (the weight gradient is hand-written), 1x1 and 3x3, odd sizes."""
+gradients (the weight gradient is hand-written), 1x1, 3x3 and 5x5, odd sizes."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import torch
 from m2f_jax.modeling.conv import Conv2d, conv2d_same
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 5])
 def test_conv_and_gradients_match_torch(k):
     rng = np.random.default_rng(k)
     x = rng.normal(size=(2, 9, 13, 5)).astype(np.float32)  # (B, H, W, Cin)
