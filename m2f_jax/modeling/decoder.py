@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling.conv import Conv2d
+from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.pixel_decoder import NUM_FEATURE_LEVELS, layer_norm, sine_position_embedding
 from m2f_jax.modeling.swin import gelu
 
@@ -58,14 +59,14 @@ class Attention(nn.Module):
         def heads(x):  # (B, L, C) -> (B, nh, L, hd)
             return x.reshape(b, x.shape[1], nh, hd).transpose(0, 2, 1, 3)
 
-        q = nn.Dense(c, dtype=self.dtype, name="q_proj")(query) * (hd**-0.5)
-        k = nn.Dense(c, dtype=self.dtype, name="k_proj")(key)
-        v = nn.Dense(c, dtype=self.dtype, name="v_proj")(value)
+        q = Dense(c, dtype=self.dtype, name="q_proj")(query) * (hd**-0.5)
+        k = Dense(c, dtype=self.dtype, name="k_proj")(key)
+        v = Dense(c, dtype=self.dtype, name="v_proj")(value)
         out, probs = dot_product_attention(
             heads(q), heads(k), heads(v), mask, nn.Dropout(self.dropout), deterministic
         )  # (B, nh, Lq, hd)
         out = out.transpose(0, 2, 1, 3).reshape(b, lq, c)  # (B, Lq, C), heads major
-        return nn.Dense(c, dtype=self.dtype, name=self.out_name)(out), probs
+        return Dense(c, dtype=self.dtype, name=self.out_name)(out), probs
 
 
 class DecoderLayer(nn.Module):
@@ -84,8 +85,8 @@ class DecoderLayer(nn.Module):
         final_ln = layer_norm("final_layer_norm", self.dtype)
         cross_attn = Attention(c, nh, cfg.dropout, dtype=self.dtype, name="cross_attn")
         self_attn = Attention(c, nh, cfg.dropout, dtype=self.dtype, name="self_attn")
-        fc1 = nn.Dense(cfg.dim_feedforward, dtype=self.dtype, name="fc1")
-        fc2 = nn.Dense(c, dtype=self.dtype, name="fc2")
+        fc1 = Dense(cfg.dim_feedforward, dtype=self.dtype, name="fc1")
+        fc2 = Dense(c, dtype=self.dtype, name="fc2")
 
         def ffn(x):
             return fc2(dropout(act(fc1(x)), deterministic=deterministic))
@@ -117,7 +118,7 @@ class MaskPredictor(nn.Module):
         cfg = self.config
         e = queries
         for i, dim in enumerate((cfg.hidden_dim, cfg.hidden_dim, cfg.mask_feature_size)):
-            e = nn.Dense(dim, dtype=self.dtype, name=f"mask_embedder_{i}_0")(e)
+            e = Dense(dim, dtype=self.dtype, name=f"mask_embedder_{i}_0")(e)
             if i < 2:
                 e = nn.relu(e)
         masks = jnp.einsum("bqc,bhwc->bqhw", e, mask_features)  # (B, Q, H1, W1)

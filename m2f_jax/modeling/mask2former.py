@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.decoder import TransformerModule
 from m2f_jax.modeling.pixel_decoder import PixelDecoder
 from m2f_jax.modeling.swin import SwinBackbone
@@ -116,7 +117,7 @@ class Mask2FormerForUniversalSegmentation(nn.Module):
         features, mask_features, multi_scale, (hidden, intermediate, masks, history, attentions) = (
             Mask2FormerModel(cfg, self.dtype, name="model")(pixel_values, deterministic)
         )
-        class_predictor = nn.Dense(cfg.num_labels + 1, dtype=self.dtype, name="class_predictor")
+        class_predictor = Dense(cfg.num_labels + 1, dtype=self.dtype, name="class_predictor")
         class_logits = [class_predictor(y) for y in intermediate]  # decoder_layers x (B, Q, K+1)
 
         aux = None

@@ -16,6 +16,7 @@ import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling.conv import Conv2d
+from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
 
 NUM_FEATURE_LEVELS = 3  # hard-coded in transformers and the original Mask2Former
@@ -94,9 +95,9 @@ class PixelDecoderEncoderLayer(nn.Module):
 
         residual = hidden_states
         # The pixel-decoder FFN is ReLU whatever config.activation_function says.
-        ffn = nn.relu(nn.Dense(cfg.encoder_feedforward_dim, dtype=self.dtype, name="fc1")(hidden_states))
+        ffn = nn.relu(Dense(cfg.encoder_feedforward_dim, dtype=self.dtype, name="fc1")(hidden_states))
         ffn = dropout(ffn, deterministic=deterministic)
-        ffn = nn.Dense(cfg.feature_size, dtype=self.dtype, name="fc2")(ffn)
+        ffn = Dense(cfg.feature_size, dtype=self.dtype, name="fc2")(ffn)
         hidden_states = residual + dropout(ffn, deterministic=deterministic)
         hidden_states = layer_norm("final_layer_norm", self.dtype)(hidden_states)
         if not deterministic:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2f_jax.config import SwinConfig
+from m2f_jax.modeling.dense import Dense
 
 # transformers builds the embedding norm, the patch-merging norm and hidden_states_norms with
 # nn.LayerNorm's default eps, not config.layer_norm_eps (the values coincide by default).
@@ -263,7 +264,7 @@ class SwinAttention(nn.Module):
         # windows: (B, nW, T, C)
         b, nw, t, c = windows.shape
         head_dim = self.dim // self.num_heads
-        dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype, kernel_init=_dense_init(self.config))
+        dense = functools.partial(Dense, self.dim, dtype=self.dtype, kernel_init=_dense_init(self.config))
         qkv_shape = (b, nw, t, self.num_heads, head_dim)  # heads major in the channel axis
         bias_on = self.config.qkv_bias
         q = dense(use_bias=bias_on, name="q_proj")(windows).reshape(qkv_shape)  # (B, nW, T, nh, hd)
@@ -288,9 +289,9 @@ class SwinMLP(nn.Module):
     def __call__(self, x):
         init = _dense_init(self.config)
         hidden = int(self.config.mlp_ratio * self.dim)
-        x = nn.Dense(hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x)  # (..., r*C)
+        x = Dense(hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x)  # (..., r*C)
         x = _activation(self.config.hidden_act)(x)
-        return nn.Dense(self.dim, dtype=self.dtype, kernel_init=init, name="fc2")(x)  # (..., C)
+        return Dense(self.dim, dtype=self.dtype, kernel_init=init, name="fc2")(x)  # (..., C)
 
 
 class SwinLayer(nn.Module):
@@ -350,7 +351,7 @@ class SwinPatchMerging(nn.Module):
     def __call__(self, x):
         x = patch_merge_gather(x)  # (B, ceil(H/2), ceil(W/2), 4C)
         x = nn.LayerNorm(epsilon=_TORCH_LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
-        return nn.Dense(
+        return Dense(
             2 * self.dim, use_bias=False, dtype=self.dtype, kernel_init=self.kernel_init, name="reduction"
         )(x)  # (B, ceil(H/2), ceil(W/2), 2C)
 
