@@ -85,6 +85,29 @@ def _torch_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1)
     )
 
 
+def compiled_jax_step(module, params, batch, compiler_options, compute_dtype=None):
+    """This benchmark's m2f_jax train step (the paper's optimizer, every loss term) compiled for
+    ``batch`` = (images, masks, classes, valid) from ``make_batch``: (compiled step, optimizer,
+    device batch, compile seconds)."""
+    import jax
+
+    from m2f_jax.training.criterion import LossConfig
+    from m2f_jax.training.optimizer import make_optimizer
+    from m2f_jax.training.train_step import TrainState, make_train_step
+
+    images, masks, classes, valid = batch
+    optimizer = make_optimizer(params, learning_rate=1e-4, weight_decay=0.05, backbone_multiplier=0.1,
+                               clip_norm=0.01, total_steps=10_000)
+    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(module.config), optimizer,
+                                      compute_dtype=compute_dtype), donate_argnums=0,
+                      compiler_options=compiler_options)
+    data = jax.device_put(dict(pixel_values=images, mask_labels=masks, class_labels=classes, label_valid=valid))
+    t0 = time.perf_counter()
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer.tx, 0), params)
+    compiled = step_fn.lower(abstract, data).compile()
+    return compiled, optimizer, data, time.perf_counter() - t0
+
+
 def worker(framework: str, size: int, batch: int, targets: int, steps: int, threads: int, dtype: str,
            xla_defaults: bool = False) -> dict:
     images, masks, classes, valid = make_batch(batch, size, targets, max_masks=max(targets, 1))
@@ -121,16 +144,10 @@ def worker(framework: str, size: int, batch: int, targets: int, steps: int, thre
         import jax
         import jax.numpy as jnp
 
-        from m2f_jax.training.criterion import LossConfig
-        from m2f_jax.training.optimizer import make_optimizer
-        from m2f_jax.training.train_step import TrainState, make_train_step, train_compiler_options
+        from m2f_jax.training.train_step import TrainState, train_compiler_options
 
         module, params = jax_model(torch_model)
-        config = module.config
         del torch_model
-        optimizer = make_optimizer(params, learning_rate=1e-4, weight_decay=0.05, backbone_multiplier=0.1,
-                                   clip_norm=0.01, total_steps=10_000)
-        compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
         cache = os.environ.get("M2F_BENCH_COMPILE_CACHE")
         if cache:  # --rounds: the first JAX worker compiles, the later ones load
             jax.config.update("jax_compilation_cache_dir", cache)
@@ -138,14 +155,10 @@ def worker(framework: str, size: int, batch: int, targets: int, steps: int, thre
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         options = {} if xla_defaults else train_compiler_options()
         result["compiler_options"] = options
-        step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer,
-                                          compute_dtype=compute_dtype), donate_argnums=0,
-                          compiler_options=options)
-        data = jax.device_put(dict(pixel_values=images, mask_labels=masks, class_labels=classes, label_valid=valid))
-        t0 = time.perf_counter()
-        abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer.tx, 0), params)
-        compiled = step_fn.lower(abstract, data).compile()
-        result["compile_s"] = time.perf_counter() - t0
+        compiled, optimizer, data, result["compile_s"] = compiled_jax_step(
+            module, params, (images, masks, classes, valid), options,
+            compute_dtype=jnp.bfloat16 if dtype == "bfloat16" else None,
+        )
         with PeakRSS() as mem:
             # the Adam state is allocated inside the measured region, as torch's first step does
             state = TrainState.create(params, optimizer.tx, 0)

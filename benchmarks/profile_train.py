@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import _hf_model, jax_model  # noqa: E402
-from bench_train import make_batch  # noqa: E402
+from bench_train import compiled_jax_step, make_batch  # noqa: E402
 
 
 def _hlo_index(text: str):
@@ -44,12 +44,15 @@ def _hlo_index(text: str):
     return index
 
 
+def _kind(name: str) -> str:
+    return re.sub(r"[.\d]+$", "", name)  # "copy_bitcast_fusion.465" -> "copy_bitcast_fusion"
+
+
 def _group(name: str, index) -> str:
     """instruction kind + model code with the layer indices folded: one group per layer type."""
     _, _, op = index[name]
     op = re.sub(r"(layers?|blocks|stages?)_\d+", r"\1_*", re.sub(r"^jit\(train_step\)/", "", op))
-    prefix = re.sub(r"[.\d]+$", "", name)
-    return f"{prefix:24s} {op[-120:]}"
+    return f"{_kind(name):24s} {op[-120:]}"
 
 
 def _events(trace_dir: str):
@@ -73,21 +76,13 @@ def main():
 
     import jax
 
-    from m2f_jax.training.criterion import LossConfig
-    from m2f_jax.training.optimizer import make_optimizer
-    from m2f_jax.training.train_step import TrainState, make_train_step, train_compiler_options
+    from m2f_jax.training.train_step import TrainState, train_compiler_options
 
-    images, masks, classes, valid = make_batch(args.batch, args.size, args.targets, max_masks=max(args.targets, 1))
     module, params = jax_model(_hf_model())
-    optimizer = make_optimizer(params, learning_rate=1e-4, weight_decay=0.05, backbone_multiplier=0.1,
-                               clip_norm=0.01, total_steps=10_000)
     options = {} if args.xla_defaults else train_compiler_options()
-    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(module.config), optimizer),
-                      donate_argnums=0, compiler_options=options)
-    data = jax.device_put(dict(pixel_values=images, mask_labels=masks, class_labels=classes, label_valid=valid))
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(jax.eval_shape(lambda p: TrainState.create(p, optimizer.tx, 0), params), data).compile()
-    print(f"compile {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    batch = make_batch(args.batch, args.size, args.targets, max_masks=max(args.targets, 1))
+    compiled, optimizer, data, compile_s = compiled_jax_step(module, params, batch, options)
+    print(f"compile {compile_s:.0f} s", file=sys.stderr)
     text = compiled.as_text()
     if args.hlo:
         with open(args.hlo, "w") as f:
@@ -112,20 +107,13 @@ def main():
         if name in index:  # XLA ops only (not the runtime's own spans)
             totals[name] += e["dur"] / 1e6 / args.steps
             counts[name] += 1
-    # how many XLA ops run at once over the traced span (sweep over op start/end times)
-    edges = sorted([(e["ts"], 1) for e in events if e["name"] in index]
-                   + [(e["ts"] + e["dur"], -1) for e in events if e["name"] in index])
-    busy, running, last = collections.Counter(), 0, edges[0][0]
-    for ts, delta in edges:
-        busy[running] += ts - last
-        running, last = running + delta, ts
-    span = sum(busy.values())
-    # the ops that ran alone (the other core idle): time while each was the only op running
-    alone, active = collections.Counter(), {}
+    # one sweep over op start/end times: how many XLA ops run at once, and which op ran alone
+    # (the other core idle) for how long
     marks = sorted([(e["ts"], 1, i) for i, e in enumerate(events) if e["name"] in index]
                    + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(events) if e["name"] in index])
-    last = marks[0][0]
+    busy, alone, active, last = collections.Counter(), collections.Counter(), {}, marks[0][0]
     for ts, delta, i in marks:
+        busy[len(active)] += ts - last
         if len(active) == 1:
             alone[next(iter(active.values()))] += (ts - last) / 1e6 / args.steps
         if delta > 0:
@@ -133,9 +121,10 @@ def main():
         else:
             active.pop(i, None)
         last = ts
+    span = sum(busy.values())
     kinds = collections.Counter()
     for name, t in totals.items():
-        kinds[re.sub(r"[.\d]+$", "", name)] += t
+        kinds[_kind(name)] += t
     total = sum(totals.values())
     print(f"\nwall {wall:.2f} s/step (profiled), XLA op thread time {total:.2f} s/step")
     print("ops running at once, share of the traced span: "
