@@ -23,12 +23,16 @@ class Mask2Former:
     """A loaded model: ``.config``, ``.module`` (Flax), ``.params``, ``.processor`` and a jitted
     ``__call__(pixel_values, pixel_mask=None, **flags)`` with NHWC ``pixel_values``."""
 
-    def __init__(self, config: Mask2FormerConfig, params, dtype=jnp.float32, processor=None, path=None):
+    def __init__(self, config: Mask2FormerConfig, params, dtype=jnp.float32, processor=None, path=None,
+                 variant: Optional[str] = None):
+        from m2f_jax.modeling import variants
         from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
 
         self.config = config
         self.dtype = dtype
-        self.module = Mask2FormerForUniversalSegmentation(config, dtype=dtype)
+        # the variant of the device the jitted forward runs on (JAX's default device)
+        variant = variants.resolve(variant, jax.devices()[0].platform)
+        self.module = Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.processor = processor
         self.path = path
@@ -164,10 +168,13 @@ def resolve(name_or_path: str, revision: Optional[str] = None) -> str:
     )
 
 
-def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None) -> Mask2Former:
+def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
+         variant: Optional[str] = None) -> Mask2Former:
     """Loads a Mask2Former checkpoint (HF layout, or a Flax folder written by ``convert``).
 
     ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    ``variant``: "xla" or "cpu" (``m2f_jax.modeling.variants``); default: the one for the
+    platform of JAX's default device.
     """
     from convert.folders import is_flax_folder, load_flax_folder, load_hf_folder
 
@@ -178,4 +185,4 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None) -
         from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
 
         processor = Mask2FormerImageProcessor.from_pretrained(folder)
-    return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder)
+    return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder, variant=variant)

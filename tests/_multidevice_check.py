@@ -94,7 +94,7 @@ def flat(tree, prefix=""):
     }
 
 
-def first_step(compute_dtype=None, compiler_options=None, example_groups=None):
+def first_step(compute_dtype=None, compiler_options=None, example_groups=None, platform=None):
     """The first train step of the test model on its batch, in this process: (params before,
     state after, metrics, the compiled step, batch, step key). ``compiler_options`` are added to
     FAST_CPU_COMPILE."""
@@ -103,7 +103,7 @@ def first_step(compute_dtype=None, compiler_options=None, example_groups=None):
     state = ts.TrainState.create(params, optimizer.tx, jax.random.key(SEED))
     step_key = jax.random.fold_in(state.key, 0)  # what step 0 draws from by default
     step = jax.jit(ts.make_train_step(module, loss_config, optimizer, compute_dtype=compute_dtype,
-                                      example_groups=example_groups))
+                                      example_groups=example_groups, platform=platform))
     options = {**FAST_CPU_COMPILE, **(compiler_options or {})}
     compiled = step.lower(state, batch, step_key).compile(compiler_options=options)
     state1, metrics = compiled(state, batch, step_key)

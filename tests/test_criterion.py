@@ -11,6 +11,7 @@ from transformers import Mask2FormerConfig as HFConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling import variants
 from m2f_jax.training.criterion import (
     LossConfig,
     _stack_levels,
@@ -96,12 +97,13 @@ def _run_transformers(final, aux, mask_labels, class_labels, counts):
     return {k: float(v) for k, v in losses.items()}, indices, draws
 
 
-@jax.jit
-def _loss_given_points(final, aux, mask_labels, class_labels, valid, given_points):
-    return mask2former_loss(
-        final["class_queries_logits"], final["masks_queries_logits"], mask_labels, class_labels,
-        valid, config=CONFIG, auxiliary_logits=aux, given_points=given_points, with_matchings=True,
-    )
+@functools.partial(jax.jit, static_argnames="variant")
+def _loss_given_points(final, aux, mask_labels, class_labels, valid, given_points, variant="cpu"):
+    with variants.use(variant):
+        return mask2former_loss(
+            final["class_queries_logits"], final["masks_queries_logits"], mask_labels, class_labels,
+            valid, config=CONFIG, auxiliary_logits=aux, given_points=given_points, with_matchings=True,
+        )
 
 
 @jax.jit
@@ -128,8 +130,11 @@ def _two_devices(seeds_and_counts, keys):
     return _synced_loss_and_grads((final, aux), mask_labels, class_labels, valid, jnp.stack(keys))
 
 
-@pytest.mark.parametrize("counts", [(3, 1), (2, 0), (0, 0)])
-def test_loss_matches_transformers_replayed_draws_rtol_1e4(counts):
+@pytest.mark.parametrize("counts,variant", [((3, 1), "cpu"), ((2, 0), "cpu"), ((0, 0), "cpu"),
+                                            ((3, 1), "xla"), ((0, 0), "xla")])
+def test_loss_matches_transformers_replayed_draws_rtol_1e4(counts, variant):
+    """Both variants (m2f_jax.modeling.variants): the "xla" one samples channel-first maps by
+    element gathers, takes lax.top_k and maps the levels with vmap."""
     final, aux, mask_labels, class_labels, valid = _random_case(sum(counts), counts)
     hf_losses, hf_indices, draws = _run_transformers(final, aux, mask_labels, class_labels, counts)
     given = points_from_torch_draws(draws, B, 1 + NUM_AUX, CONFIG)
@@ -142,7 +147,7 @@ def test_loss_matches_transformers_replayed_draws_rtol_1e4(counts):
             junk = rng.random((B * MAX_TARGETS - num_pairs, *level[name].shape[1:]), np.float32)
             level[name] = np.concatenate([level[name], junk])
 
-    ours, matchings = _loss_given_points(final, aux, mask_labels, class_labels, valid, given)
+    ours, matchings = _loss_given_points(final, aux, mask_labels, class_labels, valid, given, variant=variant)
 
     # Matched indices of every level (final, aux 0, aux 1) are identical.
     for level in range(1 + NUM_AUX):

@@ -4,10 +4,14 @@ pure-PyTorch multi_scale_deformable_attention), fp32 atol 1e-5."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from m2f_jax.modeling.deformable import multi_scale_deformable_attention, sample_points
+from m2f_jax.modeling import variants
+from m2f_jax.modeling.deformable import multi_scale_deformable_attention, sample_maps, sample_points
+
+VARIANTS = pytest.mark.parametrize("variant", variants.VARIANTS)
 
 
 def _torch_sample(features_nhwc, points):
@@ -30,6 +34,25 @@ def test_sample_points_matches_grid_sample_in_and_out_of_range_atol_1e5():
     # Far outside reads exactly zero (no clamped pixel leaks in).
     far = np.array([[[-3.0, 0.5], [0.5, 4.0], [2.0, 2.0]]], np.float32).repeat(3, 0)
     assert np.all(np.asarray(sample_points(jnp.asarray(features), jnp.asarray(far))) == 0)
+
+
+def test_sample_maps_channel_first_matches_grid_sample_values_and_gradients():
+    """The "xla" variant's sampler of channel-first maps (element gathers) against grid_sample."""
+    rng = np.random.default_rng(5)
+    maps = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
+    points = rng.uniform(-0.3, 1.3, size=(2, 60, 2)).astype(np.float32)
+    points[0, :3] = [[0, 0], [1, 1], [-3.0, 0.5]]
+    ours, vjp = jax.vjp(sample_maps, jnp.asarray(maps), jnp.asarray(points))
+    expected = _torch_sample(maps.transpose(0, 2, 3, 1), points).transpose(0, 2, 1)  # (N, C, P)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
+    cotangent = rng.normal(size=expected.shape).astype(np.float32)
+    g_maps, g_pts = vjp(jnp.asarray(cotangent))
+    tf = torch.from_numpy(maps.copy()).requires_grad_()
+    tp = torch.from_numpy(points.copy()).requires_grad_()
+    out = F.grid_sample(tf, (2 * tp - 1)[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    out[..., 0].backward(torch.from_numpy(cotangent))
+    np.testing.assert_allclose(np.asarray(g_maps), tf.grad.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_pts), tp.grad.numpy(), atol=1e-3, rtol=1e-4)
 
 
 def test_sample_points_gradients_match_torch_and_are_finite():
@@ -58,7 +81,8 @@ def _msda_inputs(rng, shapes, b, nh, hd, sq, npts, margin):
     return value, loc, attn
 
 
-def test_multi_scale_deformable_attention_matches_transformers_atol_1e5():
+@VARIANTS
+def test_multi_scale_deformable_attention_matches_transformers_atol_1e5(variant):
     from transformers.models.mask2former.modeling_mask2former import (
         multi_scale_deformable_attention as hf_msda,
     )
@@ -67,14 +91,17 @@ def test_multi_scale_deformable_attention_matches_transformers_atol_1e5():
     shapes = ((3, 5), (6, 10), (12, 19))
     value, loc, attn = _msda_inputs(rng, shapes, b=2, nh=4, hd=8, sq=17, npts=4, margin=0.2)
     attn /= attn.sum(axis=(-1, -2), keepdims=True)
-    ours = multi_scale_deformable_attention(jnp.asarray(value), shapes, jnp.asarray(loc), jnp.asarray(attn))
+    with variants.use(variant):
+        ours = multi_scale_deformable_attention(jnp.asarray(value), shapes, jnp.asarray(loc), jnp.asarray(attn))
     theirs = hf_msda(torch.from_numpy(value), list(shapes), torch.from_numpy(loc), torch.from_numpy(attn))
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
 
 
-def test_multi_scale_deformable_attention_gradients_match_transformers():
-    """The hand-written backward (custom_vjp) against torch autograd through transformers'
-    function, for value, sampling locations (in and out of range) and attention weights."""
+@VARIANTS
+def test_multi_scale_deformable_attention_gradients_match_transformers(variant):
+    """The "cpu" variant's hand-written backward (custom_vjp) and the "xla" variant's autodiff
+    against torch autograd through transformers' function, for value, sampling locations (in and
+    out of range) and attention weights."""
     from transformers.models.mask2former.modeling_mask2former import (
         multi_scale_deformable_attention as hf_msda,
     )
@@ -84,9 +111,10 @@ def test_multi_scale_deformable_attention_gradients_match_transformers():
     value, loc, attn = _msda_inputs(rng, shapes, b=2, nh=3, hd=5, sq=13, npts=2, margin=0.3)
     cotangent = rng.normal(size=(2, 13, 3 * 5)).astype(np.float32)
 
-    _, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a),
-                     jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn))
-    d_value, d_loc, d_attn = vjp(jnp.asarray(cotangent))
+    with variants.use(variant):
+        _, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a),
+                         jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn))
+        d_value, d_loc, d_attn = vjp(jnp.asarray(cotangent))
 
     tv, tl, ta = (torch.from_numpy(x.copy()).requires_grad_() for x in (value, loc, attn))
     hf_msda(tv, list(shapes), tl, ta).backward(torch.from_numpy(cotangent))
@@ -95,7 +123,8 @@ def test_multi_scale_deformable_attention_gradients_match_transformers():
     np.testing.assert_allclose(np.asarray(d_loc), tl.grad.numpy(), atol=1e-4, rtol=1e-5)
 
 
-def test_multi_scale_deformable_attention_under_vmap_matches_transformers_per_example():
+@VARIANTS
+def test_multi_scale_deformable_attention_under_vmap_matches_transformers_per_example(variant):
     """vmap folds the mapped axis into the batch axis (custom_vmap) in the forward and in the
     backward; one argument is unmapped (shared by all examples), which the rule broadcasts."""
     from transformers.models.mask2former.modeling_mask2former import (
@@ -113,8 +142,9 @@ def test_multi_scale_deformable_attention_under_vmap_matches_transformers_per_ex
         out, vjp = jax.vjp(lambda v, l, a: multi_scale_deformable_attention(v, shapes, l, a), v, l, a)
         return (out,) + vjp(ct)
 
-    outs = jax.jit(jax.vmap(value_and_grads, in_axes=(0, 0, None, 0)))(
-        jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn), jnp.asarray(cotangent))
+    with variants.use(variant):
+        outs = jax.jit(jax.vmap(value_and_grads, in_axes=(0, 0, None, 0)))(
+            jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn), jnp.asarray(cotangent))
     for e in range(3):
         tv, tl, ta = (torch.from_numpy(x.copy()).requires_grad_() for x in (value[e], loc[e], attn))
         out = hf_msda(tv, list(shapes), tl, ta)
@@ -151,10 +181,13 @@ def _gather_scatter_dtypes(jaxpr) -> list:
     return found
 
 
-def test_bf16_layer_samples_and_backpropagates_in_float32():
+@VARIANTS
+def test_bf16_layer_samples_and_backpropagates_in_float32(variant):
     """Under bf16 compute the layer's bilinear sampling stays float32, forward and backward (as
     the original CUDA kernel), while its output is bf16. Oracle: the dtypes in the traced
-    program, which must contain the attention's gathers and scatter-adds."""
+    program, which must contain the attention's gathers and scatter-adds: all float32 on the
+    "cpu" variant; on the "xla" variant the forward gathers the bf16 value rows (upcast after the
+    gather, which is exact) and every scatter-add accumulates float32."""
     from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
 
     shapes = ((4, 4), (2, 2))
@@ -169,8 +202,12 @@ def test_bf16_layer_samples_and_backpropagates_in_float32():
         out, _ = layer.apply(p, hidden, hidden, ref, shapes)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    out, _ = layer.apply(params, hidden, hidden, ref, shapes)
+    with variants.use(variant):
+        out, _ = layer.apply(params, hidden, hidden, ref, shapes)
+        found = _gather_scatter_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
     assert out.dtype == jnp.bfloat16
-    found = _gather_scatter_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
     assert {name for name, _ in found} >= {"gather", "scatter-add"}, found
-    assert {dtype for _, dtype in found} == {"float32"}, found
+    if variant == "cpu":
+        assert {dtype for _, dtype in found} == {"float32"}, found
+    else:
+        assert {dtype for name, dtype in found if name != "gather"} == {"float32"}, found

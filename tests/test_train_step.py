@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m2f_jax.modeling import variants
 from m2f_jax.training.optimizer import (
     backbone_mask,
     make_optimizer,
@@ -203,6 +204,23 @@ def test_train_step_with_cpu_compiler_options_matches_xla_defaults_atol_1e5(sing
     """The step compiled with train_compiler_options() against the reference step compiled with
     XLA's defaults (same state, batch and key): the same loss terms and update."""
     _assert_matches_reference_step(single, compiler_options=ts.train_compiler_options())
+
+
+def test_train_step_for_tpu_traces_the_xla_variant_and_matches_the_cpu_variant_atol_1e5(single):
+    """make_train_step(platform="tpu") on this CPU: the program a TPU gets (the "xla" variant:
+    stock layers, JAX's autodiff, no custom_vjp/custom_vmap, one vmap over the batch, no CPU
+    compiler options) gives the reference ("cpu" variant) step's loss terms and update."""
+    module, loss_config, params, batch = md.setup()
+    optimizer = make_optimizer(params, **md.OPTIMIZER)
+    state = TrainState.create(params, optimizer.tx, jax.random.key(md.SEED))
+
+    def cpu_machinery(platform):
+        step = ts.make_train_step(module, loss_config, optimizer, platform=platform)
+        return variants.cpu_machinery(step, state, batch)
+
+    assert cpu_machinery("cpu") == {"custom_vjp_call", "custom_vmap_call"}
+    assert cpu_machinery("tpu") == set()
+    _assert_matches_reference_step(single, platform="tpu")
 
 
 def _stand_in_loss(params, batch, key):

@@ -1,5 +1,8 @@
 """The pixel decoder's convolutions (1x1 projections and the 3x3 FPN output conv), NHWC, stride 1.
 
+On the "xla" variant (GPU, TPU; ``variants.py``) a plain ``lax.conv_general_dilated``
+differentiated by JAX, as ``nn.Conv``; on the "cpu" variant the formulation below.
+
 Same parameters as ``flax.linen.Conv`` (``kernel`` (kh, kw, in, out), ``bias`` (out,)), so
 checkpoints and the converter do not see a difference. What differs is how the gradient is
 computed: XLA:CPU lowers a convolution's weight gradient to a "convolution" whose window is the
@@ -20,6 +23,8 @@ from typing import Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from m2f_jax.modeling import variants
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -106,7 +111,8 @@ class Conv2d(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (*self.kernel_size, x.shape[-1], self.features)
         )
-        y = conv2d_same(x.astype(self.dtype), kernel.astype(self.dtype))
+        conv = _conv if variants.current() == "xla" else conv2d_same
+        y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2f_jax.modeling import variants
 from m2f_jax.modeling.dense import Dense
 
 
@@ -75,7 +76,110 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
     return out
 
 
-# --- multi-scale deformable attention ------------------------------------------------------------
+def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """Bilinearly samples channel-first ``maps`` at normalised ``points`` (the "xla" variant's
+    sampler of the point-sampled loss and matcher; :func:`sample_points`' semantics).
+
+    Each corner is one element gathered from the flat maps, so nothing is transposed or padded
+    and no array has a narrow minor axis (a (..., 1) channel axis fills 1 of a TPU tile's 128
+    lanes). A corner outside the map gets weight 0.
+
+    Args:
+      maps: (N, C, H, W).
+      points: (N, P, 2) as (x, y) in [0, 1] (any value allowed; outside reads zeros).
+    Returns:
+      (N, C, P) float32.
+    """
+    n, c, h, w = maps.shape
+    flat = maps.reshape(-1)  # (N C H W,)
+    x0, y0, fx, fy = _pixel_coords(h, w, points[..., 0], points[..., 1])  # (N, P)
+    base = (np.arange(n * c, dtype=np.int32) * (h * w)).reshape(n, c, 1)  # (N, C, 1)
+    out = None
+    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        pixel = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (N, P)
+        corner = flat.at[base + pixel[:, None, :]].get(mode="promise_in_bounds")  # (N, C, P)
+        term = corner.astype(jnp.float32) * jnp.where(inside, wy * wx, 0.0)[:, None, :]
+        out = term if out is None else out + term
+    return out
+
+
+# --- multi-scale deformable attention, "xla" variant (GPU, TPU) ----------------------------------
+#
+# Plain JAX, differentiated by JAX (grad and jvp). The four bilinear corners of a sample are
+# adjacent pixels, so the value is first rearranged into a corner table: for each level, head and
+# top-left corner position (y0, x0) in [-1, H) x [-1, W), one row holding the hd channels of the
+# four corners (top-left, top-right, bottom-left, bottom-right; zeros outside the map), 4 hd = 128
+# wide for the Swin-T pixel decoder. One gather of one row per sample then reads all four corners,
+# a full 128-lane row of a TPU tile; gathering each corner's hd = 32 channels alone took 4x the
+# rows, each a quarter-filled tile row (XLA's TPU cost model, one 800x1088 encoder layer, bf16:
+# 25.5 -> 10.3 GB). Per-sample arrays are (L*P, N), N = B*Sq*nh the minor axis.
+#
+# The gather reads the value in its own dtype and upcasts (exact), so under bf16 it moves half
+# the bytes while the arithmetic stays float32; the custom_jvp below makes the backward's
+# scatter-add accumulate in float32 as well. The function is rematerialised in the backward
+# (jax.checkpoint): its residuals would otherwise be the gathered rows.
+
+
+@jax.custom_jvp
+def _take_f32(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table (R, C) any float dtype, index (...) int32 in [0, R) -> (..., C) float32 rows."""
+    return table.at[index].get(mode="promise_in_bounds").astype(jnp.float32)
+
+
+@_take_f32.defjvp
+def _take_f32_jvp(primals, tangents):
+    table, index = primals
+    table_dot, _ = tangents  # the integer index has no tangent
+    # the tangent is gathered from the float32 table, so its transpose scatter-adds in float32
+    return _take_f32(table, index), table_dot.astype(jnp.float32).at[index].get(mode="promise_in_bounds")
+
+
+def _corner_table(value, spatial_shapes):
+    """(B, S, nh, hd) -> (B * S4 * nh, 4 hd), S4 = sum (H_l + 1)(W_l + 1): row
+    ((b * S4 + start4_l + (y0 + 1)(W_l + 1) + x0 + 1) * nh + head) holds the channels of pixels
+    (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1) of level l, zero outside it."""
+    b, _, nh, hd = value.shape
+    levels, start = [], 0
+    for h, w in spatial_shapes:
+        level = value[:, start : start + h * w].reshape(b, h, w, nh, hd)
+        start += h * w
+        padded = jnp.pad(level, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))  # (B, H+2, W+2, nh, hd)
+        corners = [padded[:, dy : dy + h + 1, dx : dx + w + 1] for dy in (0, 1) for dx in (0, 1)]
+        levels.append(jnp.concatenate(corners, axis=-1).reshape(b, -1, nh, 4 * hd))  # (B, (H+1)(W+1), nh, 4hd)
+    return jnp.concatenate(levels, axis=1).reshape(-1, 4 * hd)
+
+
+def _msda_gather(value, spatial_shapes, sampling_locations, attention_weights):
+    b, s, nh, hd = value.shape
+    _, sq, _, nl, npt, _ = sampling_locations.shape
+    n = b * sq * nh
+    locations = jnp.transpose(sampling_locations, (3, 4, 5, 0, 1, 2)).reshape(nl, npt, 2, n)  # (L, P, 2, N)
+    attention = jnp.transpose(attention_weights, (3, 4, 0, 1, 2)).reshape(nl, npt, n)  # (L, P, N)
+    sizes = np.array(spatial_shapes, np.int32)  # (L, 2) as (H, W)
+    per_level = lambda v: v.reshape(nl, 1, 1)  # broadcast over (P, N)
+    h, w = per_level(sizes[:, 0]), per_level(sizes[:, 1])
+    positions = (sizes[:, 0] + 1) * (sizes[:, 1] + 1)  # corner-table rows per level and head
+    start = per_level(np.concatenate([[0], np.cumsum(positions)[:-1]]).astype(np.int32))
+    x0, y0, fx, fy = _pixel_coords(h, w, locations[:, :, 0], locations[:, :, 1])  # (L, P, N)
+    # A top-left corner below -1 or from H (W) on has no corner inside: clamped, all weights 0.
+    position = start + (jnp.clip(y0, -1, h - 1) + 1) * (w + 1) + jnp.clip(x0, -1, w - 1) + 1  # (L, P, N)
+    sample = np.arange(n, dtype=np.int32)
+    base = (sample // (sq * nh)) * (int(positions.sum()) * nh) + sample % nh  # (N,) batch and head
+    index = (base + position * nh).reshape(nl * npt, n)  # (L*P, N)
+    coefs = []
+    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        coefs.append((jnp.where(inside, wy * wx, 0.0) * attention).reshape(nl * npt, n))
+    coef = jnp.repeat(jnp.stack(coefs, axis=-1), hd, axis=-1)  # (L*P, N, 4hd), float32
+    rows = _take_f32(_corner_table(value, spatial_shapes), index)  # (L*P, N, 4hd) float32
+    out = jnp.sum(rows * coef, axis=0).reshape(n, 4, hd).sum(axis=1)  # (N, hd)
+    return out.reshape(b, sq, nh * hd).astype(value.dtype)
+
+
+# --- multi-scale deformable attention, "cpu" variant ----------------------------------------------
 #
 # The value stays in its natural (B, S, nh, hd) layout, viewed as N = B*S*nh rows of hd: one
 # sample of one head is one row gather, so nothing is transposed or padded. A corner outside its
@@ -247,7 +351,9 @@ def multi_scale_deformable_attention(
     sampling_locations: jax.Array,
     attention_weights: jax.Array,
 ) -> jax.Array:
-    """Multi-scale deformable attention (Zhu et al.), gather-based, with a hand-written backward.
+    """Multi-scale deformable attention (Zhu et al.), gather-based; the bilinear sampling and
+    the weighted sum are float32 whatever the dtype of ``value`` (as the original CUDA kernel).
+    The implementation follows ``variants.current()``.
 
     Args:
       value: (B, S, nh, hd), the levels flattened row-major and concatenated; S = sum(H_l W_l).
@@ -255,7 +361,7 @@ def multi_scale_deformable_attention(
       sampling_locations: (B, Sq, nh, L, P, 2) as (x, y) in [0, 1].
       attention_weights: (B, Sq, nh, L, P), already softmaxed over L * P.
     Returns:
-      (B, Sq, nh * hd), heads major in the channel axis.
+      (B, Sq, nh * hd) in the dtype of ``value``, heads major in the channel axis.
     """
     num_levels = sampling_locations.shape[3]
     spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
@@ -263,7 +369,13 @@ def multi_scale_deformable_attention(
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels.")
     if sum(h * w for h, w in spatial_shapes) != value.shape[1]:
         raise ValueError(f"spatial_shapes {list(spatial_shapes)} do not add up to S={value.shape[1]}.")
-    return _msda(value, spatial_shapes, sampling_locations, attention_weights.astype(value.dtype))
+    locations = sampling_locations.astype(jnp.float32)
+    if variants.current() == "xla":
+        core = jax.checkpoint(_msda_gather, static_argnums=(1,))
+        return core(value, spatial_shapes, locations, attention_weights.astype(jnp.float32))
+    value32 = value.astype(jnp.float32)
+    out = _msda(value32, spatial_shapes, locations, attention_weights.astype(jnp.float32))
+    return out.astype(value.dtype)
 
 
 class MultiscaleDeformableAttention(nn.Module):
@@ -295,8 +407,6 @@ class MultiscaleDeformableAttention(nn.Module):
             reference_points[:, :, None, :, None, :].astype(jnp.float32)
             + offsets.astype(jnp.float32) / normalizer[None, None, None, :, None, :]
         )  # (B, S, nh, L, P, 2)
-        out = multi_scale_deformable_attention(
-            value.astype(jnp.float32), spatial_shapes, locations, attn
-        ).astype(self.dtype)  # (B, S, C)
+        out = multi_scale_deformable_attention(value, spatial_shapes, locations, attn)  # (B, S, C)
         out = Dense(c, dtype=self.dtype, name="output_proj")(out)
         return out, attn

@@ -1,5 +1,6 @@
-"""The model's Linear layers: ``flax.linen.Dense`` with the same parameters and a hand-written
-backward.
+"""The model's Linear layers: ``flax.linen.Dense``'s parameters, computed per variant
+(``variants.py``): on the "xla" variant (GPU, TPU) ``x @ W + b`` differentiated by JAX, as
+``nn.Dense``; on the "cpu" variant with the hand-written backward below.
 
 Same ``kernel`` (in, out) and ``bias`` (out,) as ``nn.Dense``, so checkpoints and the converter do
 not see a difference. What differs is the gradient's form. For ``y = x @ W + b`` with
@@ -25,6 +26,8 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from m2f_jax.modeling import variants
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -94,9 +97,10 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # x: (..., K) -> (..., features)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        plain = variants.current() == "xla"
         if not self.use_bias:
             x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-            return linear_no_bias(x, kernel)
+            return jnp.dot(x, kernel) if plain else linear_no_bias(x, kernel)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return linear(x, kernel, bias)
+        return jnp.dot(x, kernel) + bias if plain else linear(x, kernel, bias)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling import variants
 from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.decoder import TransformerModule
 from m2f_jax.modeling.pixel_decoder import PixelDecoder
@@ -89,13 +90,22 @@ class Mask2FormerModel(nn.Module):
 
 class Mask2FormerForUniversalSegmentation(nn.Module):
     """Call with ``pixel_values`` (B, H, W, 3). ``pixel_mask`` is accepted and ignored, as in
-    transformers (padded pixels are processed as image content)."""
+    transformers (padded pixels are processed as image content).
+
+    ``variant``: "xla" or "cpu" (``m2f_jax.modeling.variants``); None: the one ``variants.use``
+    set, else the one for JAX's default backend. The parameters are the same for both.
+    """
 
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
+    variant: Optional[str] = None
+
+    def __call__(self, *args, **kwargs) -> Mask2FormerOutput:
+        with variants.use(variants.resolve(self.variant)):
+            return self._forward(*args, **kwargs)
 
     @nn.compact
-    def __call__(
+    def _forward(
         self,
         pixel_values,
         pixel_mask=None,

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
-from m2f_jax.modeling.deformable import sample_points
+from m2f_jax.modeling import variants
+from m2f_jax.modeling.deformable import sample_maps, sample_points
 from m2f_jax.training.matcher import Matching, _check_matcher_inputs, checked_label_valid, hungarian_matcher
 
 PREDICTION_KEYS = ("class_queries_logits", "masks_queries_logits")
@@ -196,6 +197,13 @@ def top_k_indices(values: jax.Array, k: int) -> jax.Array:
     return out[:, :k]
 
 
+def _sample_single(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """(N, h, w) maps, (N, P, 2) points -> (N, P) float32 bilinear samples (per variant)."""
+    if variants.current() == "xla":
+        return sample_maps(maps[:, None], points)[:, 0]
+    return sample_points(maps[..., None], points)[..., 0]
+
+
 def _importance_points(
     pred_masks: jax.Array,
     oversampled: jax.Array,
@@ -204,9 +212,12 @@ def _importance_points(
 ) -> jax.Array:
     """(N, h, w) logits, (N, Ps, 2), (N, P-k, 2) -> (N, P, 2) points (no gradient)."""
     if num_uncertain > 0:
-        logits = sample_points(pred_masks[..., None], oversampled)[..., 0]  # (N, Ps)
+        logits = _sample_single(pred_masks, oversampled)  # (N, Ps)
         uncertainty = -jnp.abs(logits)
-        top = top_k_indices(uncertainty, num_uncertain)  # (N, k)
+        if variants.current() == "xla":
+            _, top = jax.lax.top_k(uncertainty, num_uncertain)  # (N, k)
+        else:
+            top = top_k_indices(uncertainty, num_uncertain)  # (N, k), the same set
         uncertain = jnp.take_along_axis(oversampled, top[..., None], axis=1)  # (N, k, 2)
         points = jnp.concatenate([uncertain, random_points], axis=1)
     else:
@@ -270,8 +281,8 @@ def _level_losses(
     points = _importance_points(
         jax.lax.stop_gradient(pred_masks), oversampled, random_points, cfg.num_uncertain_points
     )  # (B*M, P, 2)
-    point_labels = sample_points(target_masks[..., None], points)[..., 0]  # (B*M, P)
-    point_logits = sample_points(pred_masks[..., None], points)[..., 0]  # (B*M, P)
+    point_labels = _sample_single(target_masks, points)  # (B*M, P)
+    point_logits = _sample_single(pred_masks, points)  # (B*M, P)
 
     bce = jnp.mean(sigmoid_bce_with_logits(point_logits, point_labels), axis=-1)  # (B*M,)
     loss_mask = jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks
@@ -445,10 +456,14 @@ def mask2former_loss(
             cfg,
         )
 
-    # One trace of the matcher for all levels, and one level's point buffers in memory at a time.
-    (loss_mask, loss_dice, loss_ce), matchings = jax.lax.map(
-        one_level, (levels["class_queries_logits"], levels["masks_queries_logits"], draws)
-    )  # (L,) each
+    # "cpu" variant: one trace of the matcher for all levels, and one level's point buffers in
+    # memory at a time. "xla": all levels at once (no loop: a loop body runs one level at a time
+    # and XLA's cost model counts it once).
+    level_inputs = (levels["class_queries_logits"], levels["masks_queries_logits"], draws)
+    if variants.current() == "xla":
+        (loss_mask, loss_dice, loss_ce), matchings = jax.vmap(one_level)(level_inputs)  # (L,) each
+    else:
+        (loss_mask, loss_dice, loss_ce), matchings = jax.lax.map(one_level, level_inputs)
 
     losses: Dict[str, jax.Array] = {}
     for level in range(num_levels):

@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m2f_jax.modeling import variants
 from m2f_jax.training.criterion import LossConfig, mask2former_loss
 from m2f_jax.training.optimizer import Optimizer
 
@@ -218,6 +219,7 @@ def global_batch_losses(
     key: jax.Array,
     axis_name: Optional[str] = None,
     example_groups: Optional[int] = None,
+    variant: Optional[str] = None,
 ) -> Metrics:
     """This device's share of every weighted loss term of the global batch (module docstring).
 
@@ -226,9 +228,18 @@ def global_batch_losses(
     Example ``i`` draws from ``fold_in(key, batch["example_index"][i])`` when the batch has that
     (B,) int array (e.g. micro-batches of one accumulated step), else from ``fold_in(key, global
     index of i)``. ``example_groups``: the batch is cut into this many consecutive groups, each
-    ``vmap``-ed on its own (independent chains; default :func:`default_example_groups`); the
-    result does not depend on it beyond float rounding.
+    ``vmap``-ed on its own (independent chains; default: :func:`default_example_groups` on the
+    "cpu" variant, else 1); the result does not depend on it beyond float rounding. ``variant``:
+    the model's and the loss's (``m2f_jax.modeling.variants``; default: ``module.variant``, else
+    :func:`variants.resolve`).
     """
+    variant = variants.resolve(variant or getattr(module, "variant", None))
+    with variants.use(variant):
+        return _global_batch_losses(module.clone(variant=variant), cfg, params, batch, key, axis_name,
+                                    example_groups, variant)
+
+
+def _global_batch_losses(module, cfg, params, batch, key, axis_name, example_groups, variant):
     local_batch = batch["pixel_values"].shape[0]
     if "example_index" in batch:
         example_index = jnp.asarray(batch["example_index"], jnp.int32)
@@ -238,7 +249,7 @@ def global_batch_losses(
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_index)
     examples = {k: batch[k] for k in BATCH_KEYS}
     if example_groups is None:
-        groups = default_example_groups(local_batch, batch["pixel_values"].shape[1:3])
+        groups = default_example_groups(local_batch, batch["pixel_values"].shape[1:3]) if variant == "cpu" else 1
     else:
         groups = example_groups
     if not 1 <= groups <= local_batch:
@@ -320,6 +331,7 @@ def make_train_step(
     *,
     compute_dtype=None,
     example_groups: Optional[int] = None,
+    platform: Optional[str] = None,
 ) -> Callable[..., Tuple[TrainState, Metrics]]:
     """``train_step(state, batch, rng=None) -> (state, metrics)``, pure (jit/pmap it yourself, on
     CPU with ``compiler_options=train_compiler_options()``, or use :func:`make_pmap_train_step` /
@@ -337,6 +349,10 @@ def make_train_step(
         optimizer state stay float32; the deformable sampling and the losses stay float32).
       example_groups: independent per-example chains in the traced step (see
         :func:`default_example_groups`: one per CPU core on CPU for crops from 256x256, else 1).
+      platform: the platform the step is compiled for ("cpu", "gpu", "tpu"; default: JAX's
+        default backend); it picks the variant of the model and the loss
+        (``m2f_jax.modeling.variants``) unless ``module.variant`` or ``variants.use`` names one.
+        Pass it when compiling for other devices than the host's, e.g. a TPU program from a CPU.
     The step key is ``rng`` if given, else ``fold_in(state.key, state.step)``.
     Metrics: every weighted loss term (``loss_mask``, ``loss_dice``, ``loss_cross_entropy`` and
     their ``_{i}`` auxiliary versions), ``loss``, ``grad_norm`` (global L2 norm of the gradient
@@ -349,9 +365,10 @@ def make_train_step(
     _split_optimizer(optimizer)  # fail early
     if compute_dtype is not None:
         module = module.clone(dtype=compute_dtype)
+    variant = variants.resolve(getattr(module, "variant", None), platform)
 
     def loss_terms_fn(params, batch, key):
-        return global_batch_losses(module, cfg, params, batch, key, axis_name, example_groups)
+        return global_batch_losses(module, cfg, params, batch, key, axis_name, example_groups, variant)
 
     return make_generic_train_step(loss_terms_fn, optimizer, axis_name)
 
@@ -367,7 +384,8 @@ def make_pmap_train_step(module, loss_config, optimizer, *, compute_dtype=None, 
     for the state. The step key comes from the (replicated) state.
     """
     step = make_train_step(
-        module, loss_config, optimizer, axis_name=PMAP_AXIS, compute_dtype=compute_dtype
+        module, loss_config, optimizer, axis_name=PMAP_AXIS, compute_dtype=compute_dtype,
+        platform=variants.platform_of(jax.local_devices()),
     )
     return jax.pmap(
         lambda state, batch: step(state, batch),
@@ -423,7 +441,8 @@ def make_sharded_train_step(
     """``step(state, batch) -> (state, metrics)`` jitted over ``mesh``: the batch split on its
     leading axis (:func:`shard_batch`), params and optimizer state replicated
     (:func:`replicate_on_mesh`). It is the single-device program; XLA partitions it."""
-    step = make_train_step(module, loss_config, optimizer, compute_dtype=compute_dtype)
+    platform = variants.platform_of(mesh)
+    step = make_train_step(module, loss_config, optimizer, compute_dtype=compute_dtype, platform=platform)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
     return jax.jit(
@@ -431,5 +450,5 @@ def make_sharded_train_step(
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,) if donate else (),
-        compiler_options=train_compiler_options(mesh.devices.flat[0].platform),
+        compiler_options=train_compiler_options(platform),
     )

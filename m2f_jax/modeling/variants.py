@@ -1,0 +1,114 @@
+"""Which implementation of the hot layers a program is traced with: the one switch for
+backend-specific machinery.
+
+Two variants, the same parameters, the same outputs (both parity-tested against transformers):
+
+* ``"xla"`` (GPU, TPU and any other platform): the plain program. Linear layers are
+  ``x @ W + b`` and convolutions ``lax.conv_general_dilated``, both differentiated by JAX; the
+  multi-scale deformable attention is one gather of every sample's four corners and a weighted
+  sum, also differentiated by JAX (``jax.grad`` and ``jax.jvp`` both work).
+* ``"cpu"``: what measured faster on XLA:CPU (README, Training benchmark): hand-written backward
+  passes for Linear and convolution layers (``dense.py``, ``conv.py``), the deformable attention
+  in a ``lax.scan`` with a hand-written backward and a ``vmap`` rule (``deformable.py``), and in
+  the train step one independent chain of examples per core plus XLA:CPU compiler options
+  (``train_step.py``). These use ``custom_vjp``, so ``jax.jvp`` does not go through them.
+
+The variant follows the platform the program is compiled for, not the host's default backend:
+the entry points resolve it from their devices (``m2f_jax.load``: the default device;
+``make_sharded_train_step``: the mesh; ``make_pmap_train_step``: the local devices) and a caller
+that compiles for other devices passes ``platform=`` (e.g. a TPU program compiled from a CPU host).
+To override it for a whole model, construct ``Mask2FormerForUniversalSegmentation(config,
+variant="xla")`` (or ``"cpu"``); layers used on their own read :func:`current`, which
+``use(...)`` sets::
+
+    with m2f_jax.modeling.variants.use("xla"):
+        out = swin.apply(params, pixels)  # traced with the plain program
+
+Layers ask once, at trace time; a jitted function keeps the variant it was traced with.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+VARIANTS = ("xla", "cpu")
+
+# Platform -> variant. Platforms not listed get "xla".
+PLATFORM_VARIANTS = {"cpu": "cpu"}
+
+_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("m2f_jax_variant", default=None)
+
+
+def for_platform(platform: Optional[str] = None) -> str:
+    """The variant for ``platform`` ("cpu", "gpu", "tpu", ...; default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    return PLATFORM_VARIANTS.get(platform, "xla")
+
+
+def check(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    return variant
+
+
+def resolve(variant: Optional[str] = None, platform: Optional[str] = None) -> str:
+    """``variant`` if given, else the one ``use`` set, else the one for ``platform``."""
+    if variant is not None:
+        return check(variant)
+    return _current.get() or for_platform(platform)
+
+
+def current() -> str:
+    """The variant a layer traces now (see the module docstring)."""
+    return resolve()
+
+
+@contextlib.contextmanager
+def use(variant: str) -> Iterator[str]:
+    """Layers traced inside this block use ``variant``."""
+    token = _current.set(check(variant))
+    try:
+        yield variant
+    finally:
+        _current.reset(token)
+
+
+def platform_of(devices) -> str:
+    """The platform of a mesh, a sharding or a sequence of devices (they must agree)."""
+    if hasattr(devices, "device_set"):  # a Sharding
+        flat = list(devices.device_set)
+    elif hasattr(devices, "devices"):  # a Mesh
+        flat = list(np.asarray(devices.devices).flat)
+    else:
+        flat = list(np.asarray(devices, dtype=object).flat)
+    platforms = {d.platform for d in flat}
+    if len(platforms) != 1:
+        raise ValueError(f"devices of one program must share a platform, got {sorted(platforms)}.")
+    return platforms.pop()
+
+
+def primitive_names(jaxpr) -> set:
+    """Names of every primitive in ``jaxpr`` and all its sub-jaxprs (scan bodies, custom_vjp and
+    custom_vmap calls, pjit, remat)."""
+    names, stack = set(), [jaxpr]
+    while stack:
+        jp = stack.pop()
+        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
+        for eqn in jp.eqns:
+            names.add(eqn.primitive.name)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        stack.append(sub)
+    return names
+
+
+def cpu_machinery(fn, *args) -> set:
+    """The "cpu" variant's primitives (custom_vjp / custom_vmap calls) in ``fn(*args)`` as traced
+    now: empty for a program of the "xla" variant."""
+    names = primitive_names(jax.make_jaxpr(fn)(*args))
+    return {name for name in names if name.startswith(("custom_vjp", "custom_vmap"))}
