@@ -64,6 +64,9 @@ def assert_tpu_program(fn, *args) -> None:
     assert not cpu_only, f"the traced program holds CPU-variant machinery: {sorted(cpu_only)}"
 
 
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
+
+
 def while_loops(compiled) -> list:
     """(name, op_name, body, bytes of the carried arrays) of every while loop in the compiled HLO."""
     loops = []
@@ -84,8 +87,9 @@ def costs(compiled) -> dict:
     return dict(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)))
 
 
-def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device) -> dict:
-    """Upper bound of the Hungarian loops' cost for ``problems`` (Q, M) assignments."""
+def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device, instances: int = 1) -> dict:
+    """Upper bound of the Hungarian loops' cost: ``instances`` matchers (one per loss level)
+    of ``problems`` (Q, M) assignments each (the examples, vmapped)."""
     from m2f_jax.training.matcher import hungarian_assignment
 
     sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
@@ -94,9 +98,9 @@ def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device
     compiled = jax.jit(hungarian_assignment).lower(cost, valid).compile()
     once = costs(compiled)
     rows, cols = min(num_queries, num_targets), max(num_queries, num_targets)
-    trips = rows * 2 * (cols + 1)
+    trips = rows * 2 * (cols + 1) * instances
     return dict(flops=once["flops"] * trips, bytes=once["bytes"] * trips, once_bytes=once["bytes"], trips=trips,
-                loops=len(while_loops(compiled)))
+                loops=len(while_loops(compiled)) * instances)
 
 
 def report(name, compiled, seconds, matcher=None, **extra) -> dict:
@@ -216,7 +220,7 @@ def loss(crop, masks, dt):
         assert_tpu_program(f, logits, *targets)
         t = time.time()
         compiled = jax.jit(f).lower(logits, *targets).compile()
-    matcher = matcher_worst_case(levels, q, masks, topo.devices[0])
+    matcher = matcher_worst_case(1, q, masks, topo.devices[0], instances=levels)
     return report("loss", compiled, time.time() - t, matcher=matcher, crop=crop, masks=masks, dtype=dt)
 
 
@@ -247,7 +251,7 @@ def train(crop, per_chip, masks, dt):
     compiled = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(
         state, batch).compile()
     seconds = time.time() - t
-    matcher = matcher_worst_case(per_chip * cfg.decoder_layers, cfg.num_queries, masks, topo.devices[0])
+    matcher = matcher_worst_case(per_chip, cfg.num_queries, masks, topo.devices[0], instances=cfg.decoder_layers)
     return report("train_step", compiled, seconds, matcher=matcher, chips=len(topo.devices), crop=crop,
                   per_chip=per_chip, masks=masks, dtype=dt)
 

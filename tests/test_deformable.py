@@ -36,22 +36,24 @@ def test_sample_points_matches_grid_sample_in_and_out_of_range_atol_1e5():
     assert np.all(np.asarray(sample_points(jnp.asarray(features), jnp.asarray(far))) == 0)
 
 
-def test_sample_maps_channel_first_matches_grid_sample_values_and_gradients():
-    """The "xla" variant's sampler of channel-first maps (element gathers) against grid_sample."""
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 9, 130)])  # one window block, and three
+def test_sample_maps_matches_grid_sample_values_and_gradients(shape):
+    """The "xla" variant's sampler of single-channel maps (one 128-lane table row per sample)
+    against grid_sample, in and far out of range, across window-block boundaries."""
     rng = np.random.default_rng(5)
-    maps = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
-    points = rng.uniform(-0.3, 1.3, size=(2, 60, 2)).astype(np.float32)
-    points[0, :3] = [[0, 0], [1, 1], [-3.0, 0.5]]
+    maps = rng.normal(size=shape).astype(np.float32)
+    points = rng.uniform(-0.3, 1.3, size=(shape[0], 300, 2)).astype(np.float32)
+    points[0, :5] = [[0, 0], [1, 1], [-3.0, 0.5], [0.5, 4.0], [62.5 / shape[2], 0.5]]
     ours, vjp = jax.vjp(sample_maps, jnp.asarray(maps), jnp.asarray(points))
-    expected = _torch_sample(maps.transpose(0, 2, 3, 1), points).transpose(0, 2, 1)  # (N, C, P)
+    expected = _torch_sample(maps[..., None], points)[..., 0]  # (N, P)
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
     cotangent = rng.normal(size=expected.shape).astype(np.float32)
     g_maps, g_pts = vjp(jnp.asarray(cotangent))
-    tf = torch.from_numpy(maps.copy()).requires_grad_()
+    tf = torch.from_numpy(maps[:, None].copy()).requires_grad_()
     tp = torch.from_numpy(points.copy()).requires_grad_()
     out = F.grid_sample(tf, (2 * tp - 1)[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False)
-    out[..., 0].backward(torch.from_numpy(cotangent))
-    np.testing.assert_allclose(np.asarray(g_maps), tf.grad.numpy(), atol=1e-4)
+    out[:, 0, :, 0].backward(torch.from_numpy(cotangent))
+    np.testing.assert_allclose(np.asarray(g_maps), tf.grad.numpy()[:, 0], atol=1e-4)
     np.testing.assert_allclose(np.asarray(g_pts), tp.grad.numpy(), atol=1e-3, rtol=1e-4)
 
 

@@ -76,33 +76,48 @@ def sample_points(features: jax.Array, points: jax.Array) -> jax.Array:
     return out
 
 
-def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
-    """Bilinearly samples channel-first ``maps`` at normalised ``points`` (the "xla" variant's
-    sampler of the point-sampled loss and matcher; :func:`sample_points`' semantics).
+_BLOCK = 63  # top-left x positions per table row: 2 map rows x 64 columns fill 128 lanes
 
-    Each corner is one element gathered from the flat maps, so nothing is transposed or padded
-    and no array has a narrow minor axis (a (..., 1) channel axis fills 1 of a TPU tile's 128
-    lanes). A corner outside the map gets weight 0.
+
+def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """Bilinearly samples single-channel ``maps`` at per-map normalised ``points`` (the "xla"
+    variant's sampler of the point-sampled loss; :func:`sample_points`' semantics).
+
+    XLA:TPU charges a gather about one (8, 128) tile per index whatever the row holds, so the
+    maps are first laid out as a table of 128-lane rows, each holding a 2 x 64 window (two map
+    rows, 64 columns, the window's columns overlapping the next one's by one): any sample's four
+    corners lie in one row, read with one index instead of four single-element gathers. A
+    corner outside the map gets weight 0.
 
     Args:
-      maps: (N, C, H, W).
+      maps: (N, H, W).
       points: (N, P, 2) as (x, y) in [0, 1] (any value allowed; outside reads zeros).
     Returns:
-      (N, C, P) float32.
+      (N, P) float32.
     """
-    n, c, h, w = maps.shape
-    flat = maps.reshape(-1)  # (N C H W,)
+    n, h, w = maps.shape
+    num_blocks = -(-(w + 1) // _BLOCK)  # covering the top-left x in [-1, W - 1]
+    width = _BLOCK * num_blocks + 1
+    padded = jnp.pad(maps, ((0, 0), (1, 1), (1, width - w - 1)))  # (N, H+2, width): [y+1, x+1] = map[y, x]
+    blocks = padded[:, :, : _BLOCK * num_blocks].reshape(n, h + 2, num_blocks, _BLOCK)
+    next_column = padded[:, :, _BLOCK::_BLOCK][..., None]  # (N, H+2, nb, 1): the block's 64th column
+    windows = jnp.concatenate([blocks, next_column], axis=-1)  # (N, H+2, nb, 64)
+    table = jnp.concatenate([windows[:, :-1], windows[:, 1:]], axis=-1).reshape(-1, 128)  # (N (H+1) nb, 128)
+
     x0, y0, fx, fy = _pixel_coords(h, w, points[..., 0], points[..., 1])  # (N, P)
-    base = (np.arange(n * c, dtype=np.int32) * (h * w)).reshape(n, c, 1)  # (N, C, 1)
-    out = None
+    padded_x = jnp.clip(x0, -1, w - 1) + 1  # [0, W]; clamped samples have all weights 0
+    padded_y = jnp.clip(y0, -1, h - 1) + 1  # [0, H]
+    lane = padded_x % _BLOCK  # the top-left corner's lane
+    index = (np.arange(n, dtype=np.int32)[:, None] * (h + 1) + padded_y) * num_blocks + padded_x // _BLOCK
+    rows = _take_f32(table, index)  # (N, P, 128)
+    lanes = np.arange(128, dtype=np.int32)
+    weights = None
     for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
         xi, yi = x0 + dx, y0 + dy
         inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        pixel = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (N, P)
-        corner = flat.at[base + pixel[:, None, :]].get(mode="promise_in_bounds")  # (N, C, P)
-        term = corner.astype(jnp.float32) * jnp.where(inside, wy * wx, 0.0)[:, None, :]
-        out = term if out is None else out + term
-    return out
+        term = (lanes == (lane + 64 * dy + dx)[..., None]) * jnp.where(inside, wy * wx, 0.0)[..., None]
+        weights = term if weights is None else weights + term  # (N, P, 128)
+    return jnp.sum(rows * weights, axis=-1)
 
 
 # --- multi-scale deformable attention, "xla" variant (GPU, TPU) ----------------------------------

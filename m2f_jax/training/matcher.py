@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m2f_jax.modeling import variants
-from m2f_jax.modeling.deformable import sample_maps, sample_points
+from m2f_jax.modeling.deformable import sample_points
 
 # Finite costs are clipped to this magnitude before the assignment so that the replacement for
 # non-finite costs (below) and the dual potentials of the Hungarian algorithm stay finite in
@@ -156,18 +155,13 @@ def matching_costs(
     labels = jnp.clip(class_labels.astype(jnp.int32), 0, num_classes - 1)
     cost_class = -jnp.take_along_axis(probs, labels[:, None, :], axis=2)  # (B, Q, M)
 
-    if variants.current() == "xla":
-        # element gathers from the maps as they are (no transposed copy of the full-size targets)
-        pred = jnp.swapaxes(sample_maps(masks_queries_logits, points), 1, 2)  # (B, P, Q)
-        target = jnp.swapaxes(sample_maps(mask_labels, points), 1, 2)  # (B, P, M)
-    else:
-        # Channels-last so one sampler call reads all Q (or M) masks of an image at its P points.
-        pred = sample_points(
-            jnp.transpose(masks_queries_logits.astype(jnp.float32), (0, 2, 3, 1)), points
-        )  # (B, P, Q)
-        target = sample_points(
-            jnp.transpose(mask_labels.astype(jnp.float32), (0, 2, 3, 1)), points
-        )  # (B, P, M)
+    # Channels-last so one sampler call reads all Q (or M) masks of an image at its P points.
+    pred = sample_points(
+        jnp.transpose(masks_queries_logits.astype(jnp.float32), (0, 2, 3, 1)), points
+    )  # (B, P, Q)
+    target = sample_points(
+        jnp.transpose(mask_labels.astype(jnp.float32), (0, 2, 3, 1)), points
+    )  # (B, P, M)
 
     # Pair-wise sigmoid BCE: softplus(-x) where the target is 1, softplus(x) where it is 0.
     bce_pos = jax.nn.softplus(-pred) / num_points
