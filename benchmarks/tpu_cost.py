@@ -21,9 +21,9 @@ CPU compiler options); the benchmark asserts it on the traced jaxpr.
 the compiled program: the model and loss have none on this variant, and the only loops allowed (by
 count: as many as the matcher compiled alone has) are the Hungarian matcher's (optax's ``hungarian_algorithm``: a scan over the min(Q, M) rows, each
 with a search and a backtrack of at most max(Q, M) + 1 steps), whose trip count depends on the
-data. Their worst case is added: the matcher of one program is compiled alone (``cost_once``,
-every loop body counted once) and counted ``rows x 2 (cols + 1)`` times, an upper bound (each
-iteration costs at most the whole once-counted program). XLA:TPU's own "wide" loops (one
+data. Their worst case is added: the matcher of one loss level is compiled alone (every loop
+body counted once), and each loop body, compiled alone, is added for its further worst-case
+trips (the scan body min(Q, M) - 1 times, each while body min(Q, M) (max(Q, M) + 1) - 1 times). XLA:TPU's own "wide" loops (one
 elementwise op, such as the random draws, streamed over a large array in chunks) are counted as one
 pass over the arrays they carry. Any other loop fails the run.
 
@@ -37,6 +37,7 @@ import sys
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
@@ -87,19 +88,44 @@ def costs(compiled) -> dict:
     return dict(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)))
 
 
+def _loop_bodies(jaxpr, depth=0):
+    """(depth, primitive, body ClosedJaxpr) of every scan / while in ``jaxpr``, outermost first."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            found.append((depth, "while", eqn.params["body_jaxpr"]))
+        elif eqn.primitive.name == "scan":
+            found.append((depth, "scan", eqn.params["jaxpr"]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _loop_bodies(inner, depth + (eqn.primitive.name in ("while", "scan")))
+    return found
+
+
 def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device, instances: int = 1) -> dict:
-    """Upper bound of the Hungarian loops' cost: ``instances`` matchers (one per loss level)
-    of ``problems`` (Q, M) assignments each (the examples, vmapped)."""
+    """Worst-case cost of ``instances`` Hungarian matchers (one per loss level) of ``problems``
+    (Q, M) assignments each (the examples, vmapped): the matcher compiled alone (every loop body
+    counted once) plus each loop body compiled alone times its further worst-case trips. optax's
+    algorithm scans the min(Q, M) rows; per row, its search and its backtrack each run at most
+    max(Q, M) + 1 times."""
     from m2f_jax.training.matcher import hungarian_assignment
 
     sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
     cost = jax.ShapeDtypeStruct((problems, num_queries, num_targets), jnp.float32, sharding=sharding)
     valid = jax.ShapeDtypeStruct((problems, num_targets), jnp.bool_, sharding=sharding)
     compiled = jax.jit(hungarian_assignment).lower(cost, valid).compile()
-    once = costs(compiled)
+    total = costs(compiled)
     rows, cols = min(num_queries, num_targets), max(num_queries, num_targets)
-    trips = rows * 2 * (cols + 1) * instances
-    return dict(flops=once["flops"] * trips, bytes=once["bytes"] * trips, once_bytes=once["bytes"], trips=trips,
+    bodies = _loop_bodies(jax.make_jaxpr(hungarian_assignment)(cost, valid).jaxpr)
+    assert [(d, p) for d, p, _ in bodies] == [(0, "scan"), (1, "while"), (1, "while")], bodies
+    for depth, _, body in bodies:
+        trips = rows if depth == 0 else rows * (cols + 1)
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=sharding) for v in body.jaxpr.invars]
+        one = costs(jax.jit(jax.extend.core.jaxpr_as_fun(body)).lower(*avals).compile())
+        total = {k: total[k] + one[k] * (trips - 1) for k in total}
+    return dict(flops=total["flops"] * instances, bytes=total["bytes"] * instances,
                 loops=len(while_loops(compiled)) * instances)
 
 
