@@ -5,13 +5,17 @@ Two variants, the same parameters, the same outputs (both parity-tested against 
 
 * ``"xla"`` (GPU, TPU and any other platform): the plain program. Linear layers are
   ``x @ W + b`` and convolutions ``lax.conv_general_dilated``, both differentiated by JAX; the
-  multi-scale deformable attention is one gather of every sample's four corners and a weighted
-  sum, also differentiated by JAX (``jax.grad`` and ``jax.jvp`` both work).
+  multi-scale deformable attention reads each sample's four corners with one row gather from a
+  corner table, also differentiated by JAX (``jax.grad`` and ``jax.jvp`` both work); the loss
+  samples the masks through a 128-lane window table, takes ``lax.top_k`` and writes its
+  prediction levels out without a loop (``criterion.py``). Measured with XLA's TPU cost model
+  (``benchmarks/tpu_cost.py``).
 * ``"cpu"``: what measured faster on XLA:CPU (README, Training benchmark): hand-written backward
   passes for Linear and convolution layers (``dense.py``, ``conv.py``), the deformable attention
-  in a ``lax.scan`` with a hand-written backward and a ``vmap`` rule (``deformable.py``), and in
-  the train step one independent chain of examples per core plus XLA:CPU compiler options
-  (``train_step.py``). These use ``custom_vjp``, so ``jax.jvp`` does not go through them.
+  in a ``lax.scan`` with a hand-written backward and a ``vmap`` rule (``deformable.py``), the
+  loss's bisection top-k and ``lax.map`` over levels, and in the train step one independent
+  chain of examples per core plus XLA:CPU compiler options (``train_step.py``). These use
+  ``custom_vjp``, so ``jax.jvp`` does not go through them.
 
 The variant follows the platform the program is compiled for, not the host's default backend:
 the entry points resolve it from their devices (``m2f_jax.load``: the default device;
