@@ -18,14 +18,15 @@ CPU compiler options); the benchmark asserts it on the traced jaxpr.
 
 **Loops are counted as often as they run.** XLA's cost analysis counts a loop body once (a
 16-step scan of matmuls reports 1/16 of its flops), so the benchmark checks every ``while`` in
-the compiled program: the model and loss have none on this variant, and the only loops allowed (by
-count: as many as the matcher compiled alone has) are the Hungarian matcher's (optax's ``hungarian_algorithm``: a scan over the min(Q, M) rows, each
-with a search and a backtrack of at most max(Q, M) + 1 steps), whose trip count depends on the
-data. Their worst case is added: the matcher of one loss level is compiled alone (every loop
-body counted once), and each loop body, compiled alone, is added for its further worst-case
-trips (the scan body min(Q, M) - 1 times, each while body min(Q, M) (max(Q, M) + 1) - 1 times). XLA:TPU's own "wide" loops (one
-elementwise op, such as the random draws, streamed over a large array in chunks) are counted as one
-pass over the arrays they carry. Any other loop fails the run.
+the compiled program: the model and loss have none on this variant. The only loops allowed (by
+count: as many as the matcher compiled alone has) are the Hungarian matcher's (optax's
+``hungarian_algorithm``: a scan over the min(Q, M) rows, each with a search and a backtrack of at
+most max(Q, M) + 1 steps), whose trip count depends on the data. Their worst case is added: the
+matcher of one loss level is compiled alone (every loop body counted once), and each loop body,
+compiled alone, is added for its further worst-case trips (the scan body min(Q, M) - 1 times,
+each while body min(Q, M) (max(Q, M) + 1) - 1 times). XLA:TPU's own "wide" loops (one
+elementwise op, such as the random draws, streamed over a large array in chunks) are counted as
+one pass over the arrays they carry. Any other loop fails the run.
 
 Roofline of one v5e chip: 197 TFLOP/s bf16, 819 GB/s HBM, 16 GiB HBM.
 """
@@ -88,20 +89,11 @@ def costs(compiled) -> dict:
     return dict(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)))
 
 
-def _loop_bodies(jaxpr, depth=0):
-    """(depth, primitive, body ClosedJaxpr) of every scan / while in ``jaxpr``, outermost first."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while":
-            found.append((depth, "while", eqn.params["body_jaxpr"]))
-        elif eqn.primitive.name == "scan":
-            found.append((depth, "scan", eqn.params["jaxpr"]))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _loop_bodies(inner, depth + (eqn.primitive.name in ("while", "scan")))
-    return found
+def _loop_bodies(jaxpr):
+    """(loop depth, primitive, body ClosedJaxpr) of every scan / while in ``jaxpr``."""
+    bodies = {"while": "body_jaxpr", "scan": "jaxpr"}
+    return [(depth, eqn.primitive.name, eqn.params[bodies[eqn.primitive.name]])
+            for depth, eqn in variants.equations(jaxpr) if eqn.primitive.name in bodies]
 
 
 def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device, instances: int = 1) -> dict:

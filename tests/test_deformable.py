@@ -169,18 +169,8 @@ def test_multi_scale_deformable_attention_rejects_inconsistent_shapes():
 def _gather_scatter_dtypes(jaxpr) -> list:
     """Operand dtypes of every gather / scatter-add in ``jaxpr`` and all its sub-jaxprs (scan
     bodies, custom_vjp / custom_vmap calls, pjit)."""
-    found, stack = [], [jaxpr]
-    while stack:
-        jp = stack.pop()
-        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
-        for eqn in jp.eqns:
-            if eqn.primitive.name in ("gather", "scatter-add", "scatter_add"):
-                found.append((eqn.primitive.name, str(eqn.invars[0].aval.dtype)))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        stack.append(sub)
-    return found
+    return [(eqn.primitive.name, str(eqn.invars[0].aval.dtype)) for _, eqn in variants.equations(jaxpr)
+            if eqn.primitive.name in ("gather", "scatter-add", "scatter_add")]
 
 
 @VARIANTS

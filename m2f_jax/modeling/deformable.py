@@ -32,6 +32,16 @@ def _pixel_coords(h: int, w: int, x: jax.Array, y: jax.Array):
     return x0.astype(jnp.int32), y0.astype(jnp.int32), x - x0, y - y0
 
 
+def _bilinear_corners(h, w, x0, y0, fx, fy):
+    """The four bilinear corners of top-left corners (x0, y0) with offsets (fx, fy) on an (h, w)
+    map, in the order top-left, top-right, bottom-left, bottom-right: (dy, dx, inside, weight),
+    the weight 0 where the corner lies outside the map (grid_sample's zero padding)."""
+    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
+        xi, yi = x0 + dx, y0 + dy
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        yield dy, dx, inside, jnp.where(inside, wy * wx, 0.0)
+
+
 def _corners(h: int, w: int, points: jax.Array):
     """Bilinear corners of ``points`` (..., 2) on an (h, w) map that has a one-pixel zero border:
     flat indices into the bordered map (4, ...) int32 and weights (4, ...) float32. Corners outside
@@ -112,10 +122,8 @@ def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
     rows = _take_f32(table, index)  # (N, P, 128)
     lanes = np.arange(128, dtype=np.int32)
     weights = None
-    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        term = (lanes == (lane + 64 * dy + dx)[..., None]) * jnp.where(inside, wy * wx, 0.0)[..., None]
+    for dy, dx, _, weight in _bilinear_corners(h, w, x0, y0, fx, fy):
+        term = (lanes == (lane + 64 * dy + dx)[..., None]) * weight[..., None]
         weights = term if weights is None else weights + term  # (N, P, 128)
     return jnp.sum(rows * weights, axis=-1)
 
@@ -184,10 +192,8 @@ def _msda_gather(value, spatial_shapes, sampling_locations, attention_weights):
     base = (sample // (sq * nh)) * (int(positions.sum()) * nh) + sample % nh  # (N,) batch and head
     index = (base + position * nh).reshape(nl * npt, n)  # (L*P, N)
     coefs = []
-    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        coefs.append((jnp.where(inside, wy * wx, 0.0) * attention).reshape(nl * npt, n))
+    for _, _, _, weight in _bilinear_corners(h, w, x0, y0, fx, fy):
+        coefs.append((weight * attention).reshape(nl * npt, n))
     coef = jnp.repeat(jnp.stack(coefs, axis=-1), hd, axis=-1)  # (L*P, N, 4hd), float32
     rows = _take_f32(_corner_table(value, spatial_shapes), index)  # (L*P, N, 4hd) float32
     out = jnp.sum(rows * coef, axis=0).reshape(n, 4, hd).sum(axis=1)  # (N, hd)
@@ -248,12 +254,10 @@ def _corner_tables(spatial_shapes, value_shape, sampling_locations, attention_we
     batch = (np.arange(b, dtype=np.int32) * s)[:, None, None]  # (B, 1, 1)
     head = np.arange(nh, dtype=np.int32)  # (nh,)
     rows, weights, insides = [], [], []
-    for dy, dx, wy, wx in ((0, 0, 1 - fy, 1 - fx), (0, 1, 1 - fy, fx), (1, 0, fy, 1 - fx), (1, 1, fy, fx)):
-        xi, yi = x0 + dx, y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        pixel = start + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)  # (L, P, B, Sq, nh)
+    for dy, dx, inside, weight in _bilinear_corners(h, w, x0, y0, fx, fy):
+        pixel = start + jnp.clip(y0 + dy, 0, h - 1) * w + jnp.clip(x0 + dx, 0, w - 1)  # (L, P, B, Sq, nh)
         rows.append((batch + pixel) * nh + head)
-        weights.append(jnp.where(inside, wy * wx, 0.0))
+        weights.append(weight)
         insides.append(inside.astype(jnp.float32))
     weight, inside = jnp.stack(weights, axis=2), jnp.stack(insides, axis=2)  # (L, P, 4, B, Sq, nh)
     coef = weight * attention[:, :, None]

@@ -95,24 +95,22 @@ def platform_of(devices) -> str:
     return platforms.pop()
 
 
-def primitive_names(jaxpr) -> set:
-    """Names of every primitive in ``jaxpr`` and all its sub-jaxprs (scan bodies, custom_vjp and
-    custom_vmap calls, pjit, remat)."""
-    names, stack = set(), [jaxpr]
-    while stack:
-        jp = stack.pop()
-        jp = getattr(jp, "jaxpr", jp)  # ClosedJaxpr -> Jaxpr
-        for eqn in jp.eqns:
-            names.add(eqn.primitive.name)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        stack.append(sub)
-    return names
+def equations(jaxpr, loop_depth: int = 0):
+    """Every equation of ``jaxpr`` and of all its sub-jaxprs (scan and while bodies, custom_vjp
+    and custom_vmap calls, pjit, remat), as (loop_depth, eqn): the number of scans and while
+    loops around the equation."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    for eqn in jaxpr.eqns:
+        yield loop_depth, eqn
+        inner_depth = loop_depth + (eqn.primitive.name in ("scan", "while"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    yield from equations(sub, inner_depth)
 
 
 def cpu_machinery(fn, *args) -> set:
     """The "cpu" variant's primitives (custom_vjp / custom_vmap calls) in ``fn(*args)`` as traced
     now: empty for a program of the "xla" variant."""
-    names = primitive_names(jax.make_jaxpr(fn)(*args))
+    names = {eqn.primitive.name for _, eqn in equations(jax.make_jaxpr(fn)(*args))}
     return {name for name in names if name.startswith(("custom_vjp", "custom_vmap"))}
