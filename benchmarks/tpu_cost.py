@@ -11,6 +11,7 @@ Set-up: ``pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)
     ... tpu_cost.py loss 1024 50 bf16                             # crop, target masks: one example
     ... tpu_cost.py train 1024 2 50 bf16                          # crop, images per chip, masks
     ... tpu_cost.py table                                         # the README's rows, one JSON each
+    ... tpu_cost.py floor 800 1088 bf16                           # deformable attention's floor
 
 **The program a TPU user gets.** Every program is traced for the "tpu" platform (the "xla"
 variant of ``m2f_jax.modeling.variants``: no custom_vjp/custom_vmap, one vmap over the batch, no
@@ -274,6 +275,40 @@ def train(crop, per_chip, masks, dt):
                   per_chip=per_chip, masks=masks, dtype=dt)
 
 
+def floor(h, w, dt):
+    """A floor under the forward's deformable attention in XLA's own operations: for each pixel
+    decoder level, the cheaper of (a) the gather alone of one 4 hd-lane corner row per sample
+    (every sample's four corners x hd channels, nothing more read; no arithmetic counted) and (b)
+    a dense formulation (the samples' bilinear weights spread into a (query, head, H_l W_l)
+    matrix, multiplied with the value), times the encoder layers."""
+    from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
+
+    topo = topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu")
+    rep = NamedSharding(Mesh(np.array(topo.devices[:1]), ("d",)), P())
+    cfg, dtype = swin_t_config(), DTYPES[dt]
+    nh, hd = cfg.num_attention_heads, cfg.feature_size // cfg.num_attention_heads
+    npt = MultiscaleDeformableAttention.n_points  # sampling points per head and level
+    shapes = [(-(-h // s), -(-w // s)) for s in (32, 16, 8)]
+    sq = sum(a * b for a, b in shapes)
+    s = lambda shape, d=dtype: jax.ShapeDtypeStruct(shape, d, sharding=rep)  # noqa: E731
+    total = 0.0
+    for hl, wl in shapes:
+        gather = lambda table, index: table.at[index].get(mode="promise_in_bounds")  # noqa: E731
+        rows = (nh * (hl + 1) * (wl + 1), 4 * hd)
+        g = costs(jax.jit(gather).lower(s(rows), s((npt, sq * nh), jnp.int32)).compile())["bytes"]
+
+        def dense(wy, wx, value):  # (nh, Sq, P, H_l), (nh, Sq, P, W_l), (nh, H_l W_l, hd)
+            a = (wy[..., :, None] * wx[..., None, :]).sum(2).reshape(nh, sq, hl * wl)
+            return jnp.einsum("hqp,hpd->hqd", a, value)
+        d = costs(jax.jit(dense).lower(s((nh, sq, npt, hl)), s((nh, sq, npt, wl)),
+                                       s((nh, hl * wl, hd))).compile())["bytes"]
+        total += min(g, d)
+        print(json.dumps(dict(level=(hl, wl), samples=npt * sq * nh, gather_gbytes=round(g / 1e9, 2),
+                              dense_gbytes=round(d / 1e9, 2))), flush=True)
+    print(json.dumps(dict(program="deformable_floor", H=h, W=w, dtype=dt, layers=cfg.encoder_layers,
+                          gbytes=round(total * cfg.encoder_layers / 1e9, 2))), flush=True)
+
+
 def main(argv):
     mode, args = argv[0], argv[1:]
     if mode == "forward":
@@ -284,13 +319,15 @@ def main(argv):
         loss(int(args[0]), int(args[1]), args[2])
     elif mode == "train":
         train(int(args[0]), int(args[1]), int(args[2]), args[3])
+    elif mode == "floor":
+        floor(int(args[0]), int(args[1]), args[2])
     elif mode == "table":
         for h, w in ((384, 384), (800, 1088)):
             for dt in ("bf16", "fp32"):
                 forward(h, w, 1, dt)
         train(1024, 2, 50, "bf16")
     else:
-        raise SystemExit(f"unknown mode {mode!r}: forward | parts | loss | train | table")
+        raise SystemExit(f"unknown mode {mode!r}: forward | parts | loss | train | floor | table")
 
 
 if __name__ == "__main__":

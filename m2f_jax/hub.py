@@ -24,15 +24,16 @@ class Mask2Former:
     ``__call__(pixel_values, pixel_mask=None, **flags)`` with NHWC ``pixel_values``."""
 
     def __init__(self, config: Mask2FormerConfig, params, dtype=jnp.float32, processor=None, path=None,
-                 variant: Optional[str] = None):
+                 variant: Optional[str] = None, precision: Optional[str] = None):
         from m2f_jax.modeling import variants
-        from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
+        from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation, matmul_precision
 
         self.config = config
         self.dtype = dtype
         # the variant of the device the jitted forward runs on (JAX's default device)
         variant = variants.resolve(variant, jax.devices()[0].platform)
-        self.module = Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant)
+        matmul_precision(precision)  # a bad value fails here, not at the first call
+        self.module = Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant, precision=precision)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.processor = processor
         self.path = path
@@ -169,12 +170,14 @@ def resolve(name_or_path: str, revision: Optional[str] = None) -> str:
 
 
 def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
-         variant: Optional[str] = None) -> Mask2Former:
+         variant: Optional[str] = None, precision: Optional[str] = None) -> Mask2Former:
     """Loads a Mask2Former checkpoint (HF layout, or a Flax folder written by ``convert``).
 
     ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     ``variant``: "xla" or "cpu" (``m2f_jax.modeling.variants``); default: the one for the
     platform of JAX's default device.
+    ``precision``: the matmul/convolution precision, None (JAX's default), "default", "high" or
+    "highest" (float32 on GPU and TPU; see README "Precision").
     """
     from convert.folders import is_flax_folder, load_flax_folder, load_hf_folder
 
@@ -185,4 +188,5 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
         from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
 
         processor = Mask2FormerImageProcessor.from_pretrained(folder)
-    return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder, variant=variant)
+    return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder, variant=variant,
+                       precision=precision)

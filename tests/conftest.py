@@ -1,3 +1,9 @@
+import os
+
+# The suite is written for the CPU (fp32 parity at 1e-4). With libtpu installed (the TPU compile
+# tests) JAX would first try to open a TPU; set JAX_PLATFORMS to run the suite elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import pytest
 
 
@@ -5,7 +11,10 @@ import pytest
 def tiny_checkpoint(tmp_path_factory):
     """A noisy random-weight transformers model (transformers' tiny test config) saved with
     save_pretrained: (folder, torch model)."""
+    from tests import TORCH_REASON
     from tests.hf_models import TINY, hf_config, noisy_model, save
+
+    pytest.importorskip("torch", reason=TORCH_REASON)
 
     model = noisy_model(hf_config(TINY["backbone"], TINY["model"], TINY["num_labels"]), seed=11)
     return save(model, tmp_path_factory.mktemp("tiny") / "ckpt"), model

@@ -1,8 +1,8 @@
-"""Random-weight transformers Mask2Former checkpoints for parity tests (no Hub access)."""
+"""Random-weight transformers Mask2Former checkpoints for parity tests (no Hub access).
+The configs need transformers only; the models need torch (imported where they are built)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 import transformers
 
 TINY = dict(
@@ -27,6 +27,8 @@ def hf_config(backbone: dict, model: dict, num_labels: int) -> transformers.Mask
 def noisy_model(config, seed: int = 0, std: float = 0.05):
     """A transformers model in eval mode whose every weight has Gaussian noise added, so that
     layers transformers initialises to zeros or constants also reveal a wrong layout."""
+    import torch
+
     torch.manual_seed(seed)
     model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -42,6 +44,8 @@ def save(model, folder) -> str:
 
 
 def run_hf(model, pixel_values_nhwc: np.ndarray):
+    import torch
+
     with torch.no_grad():
         return model(
             torch.from_numpy(np.ascontiguousarray(pixel_values_nhwc.transpose(0, 3, 1, 2))),

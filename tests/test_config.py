@@ -5,6 +5,7 @@ import pytest
 import transformers
 
 from m2f_jax.config import Mask2FormerConfig, SwinConfig
+from tests import TORCH_REASON
 
 
 def test_config_json_round_trip_is_exact(tiny_checkpoint, tmp_path):
@@ -17,6 +18,8 @@ def test_config_json_round_trip_is_exact(tiny_checkpoint, tmp_path):
 
 
 def test_fields_and_defaults_match_transformers():
+    # transformers' default backbone config needs torch
+    pytest.importorskip("torch", reason=TORCH_REASON)
     ours, theirs = Mask2FormerConfig(), transformers.Mask2FormerConfig()
     for name in ("feature_size", "mask_feature_size", "hidden_dim", "encoder_feedforward_dim",
                  "activation_function", "encoder_layers", "decoder_layers", "num_attention_heads",

@@ -5,6 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import torch
 
 from convert import ConversionError, flax_to_hf, hf_to_flax, read_state_dict

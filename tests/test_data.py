@@ -23,6 +23,7 @@ from m2f_jax.data import (
     render_scene,
     write_dataset,
 )
+from tests import TORCH_REASON
 
 SEED, NUM_TRAIN, NUM_VAL, SIZE = 3, 24, 6, (96, 128)
 # pycocotools' decode calls np.array(..., copy=False) on its own type (NumPy 2 deprecation).
@@ -94,6 +95,7 @@ def test_semantic_reader_gives_one_mask_per_present_class_of_the_drawn_scene(roo
 
 
 def test_semantic_reduce_labels_matches_transformers_processor(root):
+    pytest.importorskip("torch", reason=TORCH_REASON)  # transformers' processor requires it
     from transformers import Mask2FormerImageProcessorPil
 
     processor = Mask2FormerImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False,

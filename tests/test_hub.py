@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 import m2f_jax
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 from tests.hf_models import run_hf
 
 

@@ -14,6 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import TORCH_REASON
+
+# transformers' Mask2FormerImageProcessorPil, the oracle here, requires torch
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import skimage.data as skimage_data  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Mask2FormerImageProcessorPil  # noqa: E402

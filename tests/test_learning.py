@@ -21,6 +21,7 @@ from m2f_jax import cli
 from m2f_jax.data.datasets import SemanticDataset
 from m2f_jax.data.synthetic import write_dataset
 from m2f_jax.training.run import semantic_target
+from tests import TORCH_REASON
 
 # Measured (this test, 2-core CPU): random init 0.128 mIoU -> 0.489 after 120 steps. The bar
 # leaves a margin for float summation order across machines; random weights stay far below it.
@@ -76,7 +77,7 @@ def _miou(preds, targets, num_labels, ignore_index=255):
 
 
 def test_eval_command_on_the_trained_checkpoint_matches_transformers(trained, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
     import transformers
 
     export = trained["summary"]["export"]

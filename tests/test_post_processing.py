@@ -20,6 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
+
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerImageProcessorPil

@@ -4,6 +4,10 @@ post-processing at the original size)."""
 import numpy as np
 import pytest
 import skimage.data
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import torch
 import transformers
 from PIL import Image

@@ -13,6 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.models.swin import modeling_swin as hf_swin  # noqa: E402

@@ -24,6 +24,7 @@ from m2f_jax.training.optimizer import (
 )
 from m2f_jax.training import train_step as ts
 from m2f_jax.training.train_step import TrainState, make_generic_train_step
+from tests import TORCH_REASON
 from tests import _multidevice_check as md
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,8 +110,10 @@ def test_loss_decreases_on_a_fixed_batch(single):
 def test_bf16_compute_step_keeps_float32_state_and_tracks_the_float32_step(single):
     """compute_dtype=bfloat16: the same step in bf16 compute leaves params and optimizer state
     float32 and stays close to the fp32 step (oracle: the fp32 reference step, same state and
-    key). Measured on this model: loss terms within 1e-5 relative, grad norm 5e-3, cosine of
-    the two parameter updates 0.988."""
+    key). Measured on this model with jax 0.10.2: loss terms within 1e-5 relative, grad norm
+    5e-3, cosine of the two parameter updates 0.988; with jax 0.12.1 the dice terms 1.4e-2 and
+    the grad norm 1.4e-2: the loss samples 32 points per mask, picked by the uncertainty of the
+    (bf16) mask logits, and one point picked differently moves a mask's dice by up to ~3%."""
     _, state1, metrics, _, _, _ = md.first_step(compute_dtype=jnp.bfloat16)
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(state1.params)} == {"float32"}
     opt_dtypes = {str(x.dtype) for x in jax.tree_util.tree_leaves(state1.opt_state)}
@@ -119,7 +122,8 @@ def test_bf16_compute_step_keeps_float32_state_and_tracks_the_float32_step(singl
     metrics = {k: float(v) for k, v in metrics.items()}
     assert any(metrics[k] != reference[k] for k in LOSS_TERMS)  # bf16 really was used
     for name in LOSS_TERMS | {"loss"}:
-        np.testing.assert_allclose(metrics[name], reference[name], rtol=1e-3, err_msg=name)
+        point_sampled = name.startswith(("loss_dice", "loss_mask")) or name == "loss"
+        np.testing.assert_allclose(metrics[name], reference[name], rtol=3e-2 if point_sampled else 1e-3, err_msg=name)
     np.testing.assert_allclose(metrics["grad_norm"], reference["grad_norm"], rtol=3e-2)
     new = _flat(state1.params)
     update = np.concatenate([np.ravel(new[k] - single["params0"][k]) for k in sorted(new)])
@@ -399,7 +403,7 @@ def test_overflowing_gradient_norm_gives_a_zero_update_like_torch_and_a_warning(
     crops gives entries ~1e34): the global norm is inf, clipping scales the update to zero, and
     ``torch.nn.utils.clip_grad_norm_`` (detectron2's full-model clipping) does the same. No weight
     decay, so only the clipped gradient moves the parameters. ``m2f-jax train`` explains it."""
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     from m2f_jax.training.run import nonfinite_note
 

@@ -6,6 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests import TORCH_REASON  # noqa: E402
+
+pytest.importorskip("torch", reason=TORCH_REASON)
+
 import torch
 
 import m2f_jax

@@ -5,6 +5,7 @@ output are NHWC and decoder states batch-first (B, Q, C); transformers returns N
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import flax
@@ -88,20 +89,37 @@ class Mask2FormerModel(nn.Module):
         return features, mask_features, multi_scale, decoder_out
 
 
+PRECISIONS = (None, "default", "high", "highest")
+
+
+def matmul_precision(precision: Optional[str]):
+    """A context in which every matmul and convolution traced gets ``precision``
+    (``jax.default_matmul_precision``, read when a function is traced); None: no change."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
 class Mask2FormerForUniversalSegmentation(nn.Module):
     """Call with ``pixel_values`` (B, H, W, 3). ``pixel_mask`` is accepted and ignored, as in
     transformers (padded pixels are processed as image content).
 
     ``variant``: "xla" or "cpu" (``m2f_jax.modeling.variants``); None: the one ``variants.use``
     set, else the one for JAX's default backend. The parameters are the same for both.
+
+    ``precision``: the matmul and convolution precision of the traced program (:data:`PRECISIONS`):
+    None keeps JAX's (``jax.default_matmul_precision``, default "default"). For float32 inputs
+    "default" is one bfloat16 pass on TPU and TF32 on GPU, "high" three bfloat16 passes on TPU,
+    "highest" float32; XLA:CPU computes float32 at every setting.
     """
 
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
     variant: Optional[str] = None
+    precision: Optional[str] = None
 
     def __call__(self, *args, **kwargs) -> Mask2FormerOutput:
-        with variants.use(variants.resolve(self.variant)):
+        with variants.use(variants.resolve(self.variant)), matmul_precision(self.precision):
             return self._forward(*args, **kwargs)
 
     @nn.compact

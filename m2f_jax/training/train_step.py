@@ -376,21 +376,23 @@ def make_train_step(
 # --- pmap ---------------------------------------------------------------------------------------
 
 
-def make_pmap_train_step(module, loss_config, optimizer, *, compute_dtype=None, donate=True):
+def make_pmap_train_step(module, loss_config, optimizer, *, compute_dtype=None, donate=True, devices=None):
     """``p_step(replicated_state, device_batch) -> (replicated_state, replicated_metrics)``.
 
     ``device_batch`` has a leading device axis: :func:`split_for_pmap` of the global batch, so
     device d holds examples ``d*b .. d*b + b - 1``. Use :func:`replicate` / :func:`unreplicate`
-    for the state. The step key comes from the (replicated) state.
+    for the state. The step key comes from the (replicated) state. ``devices``: ``jax.pmap``'s
+    (default: the local devices); the program is traced for their platform.
     """
     step = make_train_step(
         module, loss_config, optimizer, axis_name=PMAP_AXIS, compute_dtype=compute_dtype,
-        platform=variants.platform_of(jax.local_devices()),
+        platform=variants.platform_of(jax.local_devices() if devices is None else devices),
     )
     return jax.pmap(
         lambda state, batch: step(state, batch),
         axis_name=PMAP_AXIS,
         donate_argnums=(0,) if donate else (),
+        devices=devices,
     )
 
 
