@@ -13,11 +13,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "m2f_jax.hub",
     "Mask2Former": "m2f_jax.hub",
+    "enable_compilation_cache": "m2f_jax.hub",
     "segment": "m2f_jax.inference",
     "overlay": "m2f_jax.visualize",
+    "Mask2FormerImageProcessor": "m2f_jax.processing.image_processor",
+    "Mask2FormerForUniversalSegmentation": "m2f_jax.modeling.mask2former",
+    "Mask2FormerModel": "m2f_jax.modeling.mask2former",
 }
 
-__all__ = ["Mask2Former", "Mask2FormerConfig", "SwinConfig", "load", "overlay", "segment"]
+__all__ = ["Mask2Former", "Mask2FormerConfig", "Mask2FormerForUniversalSegmentation", "Mask2FormerImageProcessor",
+           "Mask2FormerModel", "SwinConfig", "enable_compilation_cache", "load", "overlay", "segment"]
 
 
 def __getattr__(name):

@@ -6,6 +6,7 @@ exit non-zero; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -135,8 +136,13 @@ def cmd_smoke(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2f-jax", description="Mask2Former in JAX: segment, evaluate, train, convert.")
     sub = parser.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (default: on, in "
+                             "$JAX_COMPILATION_CACHE_DIR or ~/.cache/m2f_jax/jax)")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("segment", help="segment images; writes an overlay PNG and a JSON of segments per image")
+    p = add_parser("segment", help="segment images; writes an overlay PNG and a JSON of segments per image")
     p.add_argument("images", nargs="*", help="image files (default: the embedded example images)")
     p.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded model)")
     p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="panoptic")
@@ -147,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "so labels stay legible (default 256; 0: always the image's own size)")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (mIoU, PQ or mask AP)")
+    p = add_parser("eval", help="evaluate a checkpoint on a dataset (mIoU, PQ or mask AP)")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--format", choices=("semantic", "panoptic", "instance"), required=True)
     p.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded model)")
@@ -158,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="train or fine-tune on a dataset")
+    p = add_parser("train", help="train or fine-tune on a dataset")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--format", choices=("semantic", "panoptic", "instance"), default="semantic")
     p.add_argument("--init", default="tiny", help="preset (tiny, swin-t), config .json, or checkpoint to fine-tune")
@@ -185,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("convert", help="convert a checkpoint folder HF <-> Flax")
+    p = add_parser("convert", help="convert a checkpoint folder HF <-> Flax")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=("auto", "flax", "hf"), default="auto")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("smoke", help="random-weights Swin-T forward on a synthetic image: shapes and timing")
+    p = add_parser("smoke", help="random-weights Swin-T forward on a synthetic image: shapes and timing")
     p.add_argument("--size", type=int, default=384)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_smoke)
@@ -206,6 +212,10 @@ def main(argv=None) -> int:
         # ships, the random-weights smoke forward.
         default = "segment" if os.path.isdir(DEFAULT_MODEL) and _default_images() else "smoke"
         args = parser.parse_args([default] + list(argv or []))
+    if not args.no_compilation_cache:
+        from m2f_jax.hub import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return args.func(args)
     except UserError as e:

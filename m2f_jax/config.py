@@ -26,7 +26,7 @@ def _written_fields(config):
     """Fields to_dict writes: all of them, except defaults absent from the file read."""
     out = []
     for f in dataclasses.fields(config):
-        if f.name in ("extra", "source_keys"):
+        if f.name in ("extra", "source_keys", "num_labels"):  # num_labels: len(id2label), as HF
             continue
         if config.source_keys is not None and f.name not in config.source_keys:
             default = f.default if f.default is not dataclasses.MISSING else None
@@ -172,6 +172,9 @@ class Mask2FormerConfig:
     output_attentions: bool = False
     id2label: Optional[Dict[int, str]] = None
     label2id: Optional[Dict[str, int]] = None
+    # transformers' keyword: without id2label, labels "LABEL_0".."LABEL_{n-1}" (default 2); after
+    # construction always len(id2label)
+    num_labels: Optional[int] = None
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     source_keys: Optional[frozenset] = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -180,18 +183,23 @@ class Mask2FormerConfig:
             self.backbone_config = _default_backbone()
         elif isinstance(self.backbone_config, dict):
             self.backbone_config = SwinConfig.from_dict(self.backbone_config)
+        if self.num_labels is not None and (isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int)
+                                            or self.num_labels < 1):
+            raise ValueError(f"num_labels must be a positive int, got {self.num_labels!r}.")
         if self.id2label is None:
-            self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+            self.id2label = {i: f"LABEL_{i}" for i in range(2 if self.num_labels is None else self.num_labels)}
         self.id2label = _labels_from_json(self.id2label)
+        if self.num_labels is not None and self.num_labels != len(self.id2label):
+            raise ValueError(
+                f"num_labels={self.num_labels} but id2label has {len(self.id2label)} labels; pass one "
+                "of them (num_labels alone names the labels LABEL_0, LABEL_1, ...)."
+            )
+        self.num_labels = len(self.id2label)
         if self.label2id is None:
             self.label2id = {v: k for k, v in self.id2label.items()}
         self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
         self.feature_strides = tuple(int(s) for s in self.feature_strides)
         self.validate()
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
 
     @property
     def num_fpn_levels(self) -> int:

@@ -190,3 +190,20 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
         processor = Mask2FormerImageProcessor.from_pretrained(folder)
     return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder, variant=variant,
                        precision=precision)
+
+
+def enable_compilation_cache(path: Optional[str] = None, min_compile_time_secs: float = 1.0) -> str:
+    """Turns on JAX's persistent compilation cache, so that a new process loads the programs an
+    earlier one compiled (every new input size compiles the model once) instead of compiling them
+    again. Call it before the first compile. The directory: ``path``, else
+    ``$JAX_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f_jax/jax`` (``~/.cache/m2f_jax/jax``).
+    Programs that compiled in less than ``min_compile_time_secs`` are not stored. Returns the
+    directory. The ``m2f-jax`` command calls it unless given ``--no-compilation-cache``."""
+    if path is None:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "m2f_jax", "jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

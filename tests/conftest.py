@@ -1,8 +1,12 @@
 import os
+import tempfile
 
 # The suite is written for the CPU (fp32 parity at 1e-4). With libtpu installed (the TPU compile
 # tests) JAX would first try to open a TPU; set JAX_PLATFORMS to run the suite elsewhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The m2f-jax command turns JAX's persistent compilation cache on; the tests' go to a folder of
+# their own, not the user's cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="m2f_jax_test_cache_"))
 
 import pytest
 

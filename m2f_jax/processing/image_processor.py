@@ -676,6 +676,10 @@ class Mask2FormerImageProcessor:
         in `extra` and written back by `to_dict`."""
         values = dict(config)
         values.update(overrides)
+        # transformers 4's from_dict: a `size_divisibility` keyword replaces the file's divisor
+        # (transformers 5 ignores the keyword; a deliberate difference, see the README).
+        if overrides.get("size_divisibility") is not None:
+            values["size_divisor"] = values.pop("size_divisibility")
         # transformers 4's from_dict moved `reduce_labels` over `do_reduce_labels` (the legacy
         # name wins here, unlike in its __init__ where the new name wins).
         if "reduce_labels" in values:
@@ -877,6 +881,45 @@ class Mask2FormerImageProcessor:
         return encoded
 
     __call__ = preprocess
+
+    def encode_inputs(
+        self,
+        pixel_values_list,
+        segmentation_maps=None,
+        instance_id_to_semantic_id=None,
+        ignore_index: Optional[int] = None,
+        do_reduce_labels: bool = False,
+        return_channels_first: bool = False,
+    ) -> Dict[str, Any]:
+        """transformers' ``encode_inputs``: pads already processed images to the batch's largest
+        size (no resize, rescale or normalisation) and builds the mask and class targets, with
+        :meth:`preprocess`'s outputs (NHWC unless ``return_channels_first``)."""
+        overrides = dict(do_resize=False, do_rescale=False, do_normalize=False, do_reduce_labels=do_reduce_labels)
+        if ignore_index is not None:
+            overrides["ignore_index"] = ignore_index
+        return self.preprocess(pixel_values_list, segmentation_maps, instance_id_to_semantic_id,
+                               return_channels_first, **overrides)
+
+    # transformers' post-processing methods: the functions of m2f_jax.processing.post_processing
+    # (imported here: they use jax, the processor does not).
+
+    def post_process_semantic_segmentation(self, outputs, *args, **kwargs):
+        """:func:`m2f_jax.processing.post_processing.post_process_semantic_segmentation`."""
+        from m2f_jax.processing import post_processing
+
+        return post_processing.post_process_semantic_segmentation(outputs, *args, **kwargs)
+
+    def post_process_instance_segmentation(self, outputs, *args, **kwargs):
+        """:func:`m2f_jax.processing.post_processing.post_process_instance_segmentation`."""
+        from m2f_jax.processing import post_processing
+
+        return post_processing.post_process_instance_segmentation(outputs, *args, **kwargs)
+
+    def post_process_panoptic_segmentation(self, outputs, *args, **kwargs):
+        """:func:`m2f_jax.processing.post_processing.post_process_panoptic_segmentation`."""
+        from m2f_jax.processing import post_processing
+
+        return post_processing.post_process_panoptic_segmentation(outputs, *args, **kwargs)
 
     @staticmethod
     def _instance_maps(instance_id_to_semantic_id, num_maps: int) -> List[Optional[Mapping]]:

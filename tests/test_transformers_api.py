@@ -1,0 +1,145 @@
+"""transformers' API where a transformers user reaches for it: the top-level names, the config's
+``num_labels``, the processor's legacy ``size_divisibility`` keyword, ``encode_inputs`` and the
+``post_process_*`` methods; and the persistent compilation cache. Oracles: transformers (configs,
+post-processing), hand-computed sizes and arrays, the cache directory's files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+
+import m2f_jax
+from m2f_jax.cli import build_parser
+from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.processing import post_processing
+from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+from tests import TORCH_REASON
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_top_level_names_are_the_models_and_the_processor():
+    from m2f_jax.modeling import mask2former
+
+    assert m2f_jax.Mask2FormerImageProcessor is Mask2FormerImageProcessor
+    assert m2f_jax.Mask2FormerForUniversalSegmentation is mask2former.Mask2FormerForUniversalSegmentation
+    assert m2f_jax.Mask2FormerModel is mask2former.Mask2FormerModel
+    assert set(m2f_jax.__all__) >= {"Mask2FormerImageProcessor", "Mask2FormerModel", "enable_compilation_cache"}
+
+
+# an explicit backbone: transformers' default one needs torch
+_SWIN = {"model_type": "swin", "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_labels=5), dict(), dict(id2label={0: "cat", 1: "dog", 2: "sky"})])
+@pytest.mark.parametrize("from_dict", [False, True])
+def test_num_labels_and_label_names_match_transformers(kwargs, from_dict):
+    def make(cls):
+        args = dict(kwargs, backbone_config=dict(_SWIN))
+        return cls.from_dict(args) if from_dict else cls(**args)
+
+    theirs, ours = make(transformers.Mask2FormerConfig), make(Mask2FormerConfig)
+    assert ours.num_labels == theirs.num_labels
+    assert ours.id2label == {int(k): v for k, v in theirs.id2label.items()}
+    assert "num_labels" not in ours.to_dict()  # transformers does not write it either
+    assert Mask2FormerConfig.from_dict(ours.to_dict()).num_labels == theirs.num_labels
+
+
+def test_num_labels_that_contradict_id2label_or_are_not_positive_are_errors():
+    with pytest.raises(ValueError, match="num_labels=3 but id2label has 2 labels"):
+        Mask2FormerConfig(num_labels=3, id2label={0: "a", 1: "b"})
+    with pytest.raises(ValueError, match="num_labels must be a positive int, got 0"):
+        Mask2FormerConfig(num_labels=0)
+
+
+_FILE = {"size": {"shortest_edge": 100, "longest_edge": 1333}, "size_divisor": 32,
+         "image_processor_type": "Mask2FormerImageProcessor"}
+
+
+def test_size_divisibility_keyword_replaces_the_files_divisor_as_transformers_4(tmp_path):
+    """A 100x150 image: the shortest edge is already 100, so the resize size is (100, 150),
+    rounded up to multiples of the divisor: (128, 160) for the file's 32, (104, 152) for 8."""
+    image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    assert Mask2FormerImageProcessor.from_dict(_FILE)(image)["pixel_values"].shape == (1, 128, 160, 3)
+    processor = Mask2FormerImageProcessor.from_dict(_FILE, size_divisibility=8)
+    assert processor.size_divisor == 8
+    assert processor(image)["pixel_values"].shape == (1, 104, 152, 3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(_FILE))
+    assert Mask2FormerImageProcessor.from_pretrained(tmp_path, size_divisibility=8).size_divisor == 8
+
+
+def test_encode_inputs_pads_processed_images_and_builds_targets():
+    """Already processed (float, normalised) images are only padded to the batch's largest size;
+    targets are one binary mask per class present (hand-built)."""
+    rng = np.random.default_rng(1)
+    images = [rng.normal(size=(3, 4, 5)).astype(np.float32), rng.normal(size=(3, 6, 3)).astype(np.float32)]
+    maps = [np.array([[0, 0, 1, 1, 1]] * 4), np.array([[2, 2, 2]] * 6)]
+    out = Mask2FormerImageProcessor().encode_inputs(images, maps, ignore_index=255)
+    assert out["pixel_values"].shape == (2, 6, 5, 3)
+    expected = np.zeros((2, 6, 5, 3), np.float32)
+    expected[0, :4, :5] = images[0].transpose(1, 2, 0)
+    expected[1, :6, :3] = images[1].transpose(1, 2, 0)
+    np.testing.assert_array_equal(out["pixel_values"], expected)
+    mask = np.zeros((2, 6, 5), np.int64)
+    mask[0, :4, :5] = 1
+    mask[1, :6, :3] = 1
+    np.testing.assert_array_equal(out["pixel_mask"], mask)
+    np.testing.assert_array_equal(out["class_labels"][0], [0, 1])
+    np.testing.assert_array_equal(out["class_labels"][1], [2])
+    first = np.full((2, 6, 5), 255.0, np.float32)  # padding carries ignore_index, as transformers
+    first[:, :4, :5] = 0
+    first[0, :4, :2] = 1
+    first[1, :4, 2:5] = 1
+    np.testing.assert_array_equal(out["mask_labels"][0], first)
+
+
+def test_post_process_methods_match_transformers():
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    rng = np.random.default_rng(2)
+    class_logits = rng.normal(size=(1, 6, 4)).astype(np.float32) * 3
+    mask_logits = rng.normal(size=(1, 6, 12, 10)).astype(np.float32) * 3
+    ours_out = {"class_queries_logits": class_logits, "masks_queries_logits": mask_logits}
+    theirs_out = transformers.models.mask2former.modeling_mask2former.Mask2FormerForUniversalSegmentationOutput(
+        class_queries_logits=torch.from_numpy(class_logits), masks_queries_logits=torch.from_numpy(mask_logits))
+    ours, theirs = Mask2FormerImageProcessor(), transformers.Mask2FormerImageProcessorPil()
+    sizes = [(24, 20)]
+    np.testing.assert_array_equal(ours.post_process_semantic_segmentation(ours_out, target_sizes=sizes)[0],
+                                  theirs.post_process_semantic_segmentation(theirs_out, target_sizes=sizes)[0].numpy())
+    a = ours.post_process_instance_segmentation(ours_out, 0.1, target_sizes=sizes)[0]
+    b = theirs.post_process_instance_segmentation(theirs_out, 0.1, target_sizes=sizes)[0]
+    # the same instances; their order differs (README, deliberate difference 5)
+    assert sorted((s["label_id"], round(s["score"], 5)) for s in a["segments_info"]) == sorted(
+        (s["label_id"], round(float(s["score"]), 5)) for s in b["segments_info"])
+    a = ours.post_process_panoptic_segmentation(ours_out, 0.1, target_sizes=sizes)[0]
+    b = theirs.post_process_panoptic_segmentation(theirs_out, 0.1, target_sizes=sizes)[0]
+    assert [s["label_id"] for s in a["segments_info"]] == [s["label_id"] for s in b["segments_info"]]
+    assert a["segmentation"].shape == tuple(b["segmentation"].shape) == sizes[0]
+    # the methods are the module's functions
+    np.testing.assert_array_equal(ours.post_process_semantic_segmentation(ours_out)[0],
+                                  post_processing.post_process_semantic_segmentation(ours_out)[0])
+
+
+_CACHE_RUN = """
+import sys, jax, m2f_jax
+print(m2f_jax.enable_compilation_cache(*sys.argv[1:2], min_compile_time_secs=0))
+jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()
+"""
+
+
+def test_compilation_cache_writes_to_the_chosen_or_environment_directory(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "from_env"))
+    for args, folder in (([str(tmp_path / "given")], tmp_path / "given"), ([], tmp_path / "from_env")):
+        run = subprocess.run([sys.executable, "-c", _CACHE_RUN, *args], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == str(folder)
+        assert len(os.listdir(folder)) >= 1  # the compiled program
+
+
+def test_command_line_compilation_cache_switch():
+    parser = build_parser()
+    assert parser.parse_args(["segment", "--no-compilation-cache"]).no_compilation_cache is True
+    assert parser.parse_args(["eval", "--data", "d", "--format", "semantic"]).no_compilation_cache is False
