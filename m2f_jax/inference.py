@@ -15,9 +15,21 @@ import numpy as np
 TASKS = ("panoptic", "instance", "semantic")
 
 
+def _pil_rgb(image) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a PIL image; 16-bit grey ("I;16*", "I") is scaled to 8 bits
+    (x * 255 / 65535), not clipped at 255 as ``convert("RGB")`` does."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(grey * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
 def load_image(image) -> np.ndarray:
-    """A path, PIL image or array -> uint8/float HWC RGB array (what the processor takes)."""
-    from PIL import Image
+    """A path, PIL image or array -> uint8/float HWC RGB array (what the processor takes). Files
+    are turned upright by their EXIF orientation (as ``transformers.image_utils.load_image`` and
+    image viewers do) and 16-bit grey images are scaled to 8 bits."""
+    from PIL import Image, ImageOps
 
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
@@ -25,14 +37,16 @@ def load_image(image) -> np.ndarray:
             raise FileNotFoundError(f"No image file at {path}.")
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                return _pil_rgb(ImageOps.exif_transpose(im))
         except Exception as e:  # PIL raises several types for unreadable files
             raise ValueError(f"Cannot read {path} as an image: {e}") from e
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return _pil_rgb(image)
     array = np.asarray(image)
     if array.ndim not in (2, 3):
         raise ValueError(f"An image must be (H, W) or (H, W, C); got shape {array.shape}.")
+    if array.ndim == 2 or array.shape[-1] == 1:  # grey: the model sees RGB
+        array = np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=-1)
     return array
 
 

@@ -77,7 +77,7 @@ def test_encode_inputs_pads_processed_images_and_builds_targets():
     rng = np.random.default_rng(1)
     images = [rng.normal(size=(3, 4, 5)).astype(np.float32), rng.normal(size=(3, 6, 3)).astype(np.float32)]
     maps = [np.array([[0, 0, 1, 1, 1]] * 4), np.array([[2, 2, 2]] * 6)]
-    out = Mask2FormerImageProcessor().encode_inputs(images, maps, ignore_index=255)
+    out = Mask2FormerImageProcessor().encode_inputs(images, maps, ignore_index=255, input_data_format="channels_first")
     assert out["pixel_values"].shape == (2, 6, 5, 3)
     expected = np.zeros((2, 6, 5, 3), np.float32)
     expected[0, :4, :5] = images[0].transpose(1, 2, 0)

@@ -248,13 +248,30 @@ def _array_to_rgb(image: np.ndarray) -> np.ndarray:
     return composite.astype(image.dtype)
 
 
-def to_channels_last(image, do_convert_rgb: Optional[bool] = False) -> np.ndarray:
+_DATA_FORMATS = {"channels_first": "channels_first", "channels_last": "channels_last",
+                 "ChannelDimension.FIRST": "channels_first", "ChannelDimension.LAST": "channels_last"}
+
+
+def _data_format(input_data_format) -> Optional[str]:
+    """transformers' ``input_data_format`` (a string or its ``ChannelDimension``) -> ours."""
+    if input_data_format is None:
+        return None
+    name = str(getattr(input_data_format, "value", input_data_format))
+    if name not in _DATA_FORMATS:
+        raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}.")
+    return _DATA_FORMATS[name]
+
+
+def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_format=None) -> np.ndarray:
     """One input image as a (H, W, C) array, C in (1, 3, 4), or 3 with `do_convert_rgb`.
 
     Accepts a PIL image, or an array (anything `np.asarray` takes that has a `shape`) that is
-    (H, W), (H, W, C) or (C, H, W). The channel axis is inferred like transformers: the first
-    axis if it has 1, 3 or 4 entries, else the last one.
+    (H, W), (H, W, C) or (C, H, W). ``input_data_format`` ("channels_first" / "channels_last")
+    names the channel axis; without it the last axis is the channel axis if it has 1, 3 or 4
+    entries, else the first one if it has (transformers tries the first axis first, which takes
+    an RGB image 3 or 4 pixels high, or one pixel high, for channels-first).
     """
+    data_format = _data_format(input_data_format)
     if isinstance(image, Image.Image):
         array = _pil_to_rgb(image) if do_convert_rgb else np.array(image)
         if array.ndim == 2:
@@ -264,7 +281,9 @@ def to_channels_last(image, do_convert_rgb: Optional[bool] = False) -> np.ndarra
         if array.ndim == 2:
             array = array[..., None]
         elif array.ndim == 3:
-            if array.shape[0] in (1, 3, 4):
+            first = data_format == "channels_first" or (
+                data_format is None and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4))
+            if first:
                 array = np.moveaxis(array, 0, -1)
             elif array.shape[-1] not in (1, 3, 4):
                 raise ValueError(
@@ -284,6 +303,8 @@ def to_channels_last(image, do_convert_rgb: Optional[bool] = False) -> np.ndarra
             f"An image must be a PIL image or a numpy array, got {type(image).__name__}."
         )
     _check_pixel_dtype(array, "An image")
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"An image must have at least one pixel, got shape {array.shape}.")
     if array.shape[-1] not in (1, 3, 4):
         raise ValueError(
             f"An image must have 1, 3 or 4 channels, got shape {array.shape}; "
@@ -455,6 +476,18 @@ def convert_segmentation_map_to_binary_masks(
 # ----------------------------------------------------------------------------------------------
 # Settings.
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_class_ids(classes: np.ndarray, num_labels: Optional[int], index: int) -> None:
+    """Class ids must lie in [0, num_labels) (only >= 0 while num_labels is unknown); the
+    ignore_index never reaches here (its pixels make no mask)."""
+    bad = classes[(classes < 0) | (classes >= (num_labels if num_labels is not None else np.inf))]
+    if bad.size:
+        allowed = f"[0, num_labels={num_labels})" if num_labels is not None else ">= 0"
+        raise ValueError(
+            f"Segmentation map {index} has class ids {sorted(set(int(c) for c in bad))} outside "
+            f"{allowed}; set ignore_index to the id of pixels to ignore, or check the label mapping."
+        )
 
 
 def _as_bool(value, name: str) -> bool:
@@ -763,6 +796,7 @@ class Mask2FormerImageProcessor:
         segmentation_maps=None,
         instance_id_to_semantic_id: Union[Mapping, Sequence[Mapping], None] = None,
         return_channels_first: bool = False,
+        input_data_format=None,
         **overrides,
     ) -> Dict[str, Any]:
         """Resize, rescale, normalize and pad a batch, and build mask/class targets.
@@ -775,6 +809,9 @@ class Mask2FormerImageProcessor:
             instance_id_to_semantic_id: instance id -> class id, one dict for all maps or a list
                 of dicts, one per map. Without it the map values are the class ids.
             return_channels_first: return `pixel_values` as (B, C, Hp, Wp) instead of NHWC.
+            input_data_format: "channels_first" or "channels_last" (or transformers'
+                `ChannelDimension`): the channel axis of array images; default: inferred
+                (see :func:`to_channels_last`).
             **overrides: any setting of the processor, for this call only.
 
         Returns:
@@ -784,7 +821,7 @@ class Mask2FormerImageProcessor:
             ``class_labels`` (a list of int64 (N_i,)).
         """
         cfg = self._call_settings(overrides)
-        image_list = [to_channels_last(im, cfg["do_convert_rgb"]) for im in _as_image_list(images)]
+        image_list = [to_channels_last(im, cfg["do_convert_rgb"], input_data_format) for im in _as_image_list(images)]
         channel_counts = sorted({image.shape[-1] for image in image_list})
         if len(channel_counts) > 1:
             raise ValueError(
@@ -863,13 +900,14 @@ class Mask2FormerImageProcessor:
             # transformers fails when ignore_index is None and padding is needed; we pad with 0.
             fill = 0.0 if cfg["ignore_index"] is None else float(cfg["ignore_index"])
             mask_labels, class_labels = [], []
-            for seg_map, id_map in zip(map_list, id_maps):
+            for index, (seg_map, id_map) in enumerate(zip(map_list, id_maps)):
                 masks, classes = convert_segmentation_map_to_binary_masks(
                     seg_map,
                     id_map,
                     ignore_index=cfg["ignore_index"],
                     do_reduce_labels=cfg["do_reduce_labels"],
                 )
+                _check_class_ids(classes, cfg["num_labels"], index)
                 if masks.shape[1:] != padded_size:
                     padded = np.full((len(masks), *padded_size), fill, np.float32)  # (N, Hp, Wp)
                     padded[:, : masks.shape[1], : masks.shape[2]] = masks
@@ -890,6 +928,7 @@ class Mask2FormerImageProcessor:
         ignore_index: Optional[int] = None,
         do_reduce_labels: bool = False,
         return_channels_first: bool = False,
+        input_data_format=None,
     ) -> Dict[str, Any]:
         """transformers' ``encode_inputs``: pads already processed images to the batch's largest
         size (no resize, rescale or normalisation) and builds the mask and class targets, with
@@ -898,7 +937,7 @@ class Mask2FormerImageProcessor:
         if ignore_index is not None:
             overrides["ignore_index"] = ignore_index
         return self.preprocess(pixel_values_list, segmentation_maps, instance_id_to_semantic_id,
-                               return_channels_first, **overrides)
+                               return_channels_first, input_data_format, **overrides)
 
     # transformers' post-processing methods: the functions of m2f_jax.processing.post_processing
     # (imported here: they use jax, the processor does not).

@@ -137,6 +137,14 @@ def _read_logits(outputs) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"class_queries_logits needs at least one class plus the null class, got {class_logits.shape}")
     if min(mask_logits.shape[2:]) < 1:
         raise ValueError(f"masks_queries_logits has an empty spatial size: {mask_logits.shape}")
+    if class_logits.shape[1] < 1:
+        raise ValueError(f"the outputs hold no queries: class_queries_logits has shape {class_logits.shape}")
+    for name, logits in zip(keys, (class_logits, mask_logits)):
+        if not np.isfinite(logits).all():
+            raise ValueError(
+                f"{name} holds {int(np.isnan(logits).sum())} NaN and {int(np.isinf(logits).sum())} infinite "
+                "values; post-processing needs finite logits (a diverged model or a bf16 overflow?)"
+            )
     return class_logits, mask_logits
 
 

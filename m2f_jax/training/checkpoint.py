@@ -16,6 +16,7 @@ the background (``cleanup_tmp_directories``; ``wait_until_finished`` waits for i
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional, Tuple
 
 import jax
@@ -55,7 +56,8 @@ class CheckpointManager:
     ):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}.")
-        self.directory = epath.Path(directory)
+        # Orbax needs an absolute path; a relative one is taken from the working directory
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

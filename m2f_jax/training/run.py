@@ -138,10 +138,14 @@ def validate(forward, params, dataset, size, num_labels: int, max_images: Option
         mask = item["pixel_mask"]
         valid = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
         out = forward(params, item["pixel_values"][None])
+        logits = {"class_queries_logits": np.asarray(out.class_queries_logits),
+                  "masks_queries_logits": np.asarray(out.masks_queries_logits)}
+        if not all(np.isfinite(v).all() for v in logits.values()):
+            # a diverged model: no map to score (post-processing refuses non-finite logits)
+            return {"mIoU": float("nan"), "pACC": float("nan")}
         pred = post_process_semantic_segmentation(
-            {"class_queries_logits": np.asarray(out.class_queries_logits),
-             "masks_queries_logits": np.asarray(out.masks_queries_logits)},
-            target_sizes=[example["image"].shape[:2]], valid_sizes=[valid], padded_size=tuple(transform.output_size),
+            logits, target_sizes=[example["image"].shape[:2]], valid_sizes=[valid],
+            padded_size=tuple(transform.output_size),
         )[0]
         evaluator.update(np.asarray(pred), semantic_target(example["masks"], example["class_ids"]))
     result = evaluator.compute()

@@ -1,0 +1,124 @@
+"""Bad input and faults: a clear error or the right answer, never a silently wrong one. Oracles:
+transformers' ``load_image`` (EXIF orientation), hand-computed pixel values (16-bit images), the
+exact error types and words, and a checkpoint restored exactly."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2f_jax.inference import load_image
+from m2f_jax.processing import post_processing
+
+_POST = [
+    post_processing.post_process_semantic_segmentation,
+    post_processing.post_process_instance_segmentation,
+    post_processing.post_process_panoptic_segmentation,
+]
+
+
+def _logits(queries=5):
+    rng = np.random.default_rng(0)
+    return {"class_queries_logits": rng.normal(size=(1, queries, 4)).astype(np.float32),
+            "masks_queries_logits": rng.normal(size=(1, queries, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("post", _POST)
+@pytest.mark.parametrize("key, value", [("class_queries_logits", np.nan), ("masks_queries_logits", np.inf),
+                                        ("masks_queries_logits", -np.inf)])
+def test_non_finite_logits_are_an_error_not_a_map(post, key, value):
+    outputs = _logits()
+    outputs[key][0, 1, 0] = value
+    with pytest.raises(ValueError, match=f"{key} holds .* post-processing needs finite logits"):
+        post(outputs)
+
+
+@pytest.mark.parametrize("post", _POST)
+def test_zero_queries_are_an_error(post):
+    with pytest.raises(ValueError, match=r"the outputs hold no queries: class_queries_logits has shape \(1, 0, 4\)"):
+        post(_logits(queries=0))
+
+
+def test_exif_orientation_is_honoured_as_transformers_load_image(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    path = str(tmp_path / "rotated.jpg")
+    image.save(path, exif=exif, quality=95)
+    ours = load_image(path)
+    theirs = np.asarray(transformers.image_utils.load_image(path))
+    assert ours.shape == (40, 24, 3)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 1000], [32768, 65280, 65535]], np.uint16)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)  # 0 1 4 / 128 254 255
+    np.testing.assert_array_equal(load_image(path), np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_checkpoint_manager_takes_a_relative_directory(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
+
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(3)}
+    manager = CheckpointManager("runs/relative/checkpoints", save_every=1, keep=1, async_save=False)
+    manager.save(3, state, {"epoch": 1})
+    manager.close()
+    restored, extra = CheckpointManager("runs/relative/checkpoints").restore_latest(abstract_state(state))
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert extra == {"epoch": 1}
+    assert (tmp_path / "runs" / "relative" / "checkpoints").is_dir()
+
+
+def test_ambiguous_arrays_are_channels_last_unless_input_data_format_says_otherwise():
+    """(3, 7, 3) is a 3-pixel-high RGB image (transformers would take it as channels-first);
+    input_data_format, transformers' keyword (string or ChannelDimension), overrides."""
+    from transformers.image_utils import ChannelDimension
+
+    from m2f_jax.processing.image_processor import to_channels_last
+
+    array = np.arange(63, dtype=np.uint8).reshape(3, 7, 3)
+    np.testing.assert_array_equal(to_channels_last(array), array)
+    for fmt in ("channels_first", ChannelDimension.FIRST):
+        np.testing.assert_array_equal(to_channels_last(array, input_data_format=fmt), array.transpose(1, 2, 0))
+    np.testing.assert_array_equal(to_channels_last(array[:, :, :1].transpose(2, 0, 1)), array[:, :, :1])  # (1, 3, 7)
+    with pytest.raises(ValueError, match="input_data_format must be 'channels_first' or 'channels_last', got 'nchw'"):
+        to_channels_last(array, input_data_format="nchw")
+
+
+def test_one_pixel_and_grey_images_give_a_result_and_empty_ones_an_error():
+    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+    processor = Mask2FormerImageProcessor()
+    pixel = np.array([[[200, 100, 50]]], np.uint8)  # (1, 1, 3)
+    out = processor(pixel)["pixel_values"]
+    assert out.shape == (1, 800, 800, 3)  # shortest edge 800, a multiple of 32
+    expected = (np.array([200, 100, 50]) / 255 - np.array(processor.image_mean)) / np.array(processor.image_std)
+    np.testing.assert_allclose(out[0, 400, 400], expected, atol=1e-5)
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(load_image(grey), np.repeat(grey[..., None], 3, axis=-1))
+    assert processor(load_image(grey))["pixel_values"].shape == (1, 800, 1088, 3)  # 800 x 1066.7 -> /32
+    with pytest.raises(ValueError, match=r"An image must have at least one pixel, got shape \(0, 0, 3\)"):
+        processor(np.zeros((0, 0, 3), np.uint8))
+
+
+def test_class_ids_outside_the_labels_are_an_error_except_ignore_index():
+    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    seg = np.array([[0, 1, 5, 255]] * 8, np.int64).repeat(2, axis=1)  # 5 is outside 4 labels
+    processor = Mask2FormerImageProcessor(num_labels=4, ignore_index=255, size={"height": 8, "width": 8})
+    with pytest.raises(ValueError, match=r"Segmentation map 0 has class ids \[5\] outside \[0, num_labels=4\)"):
+        processor(image, seg)
+    seg[seg == 5] = 3
+    out = processor(image, seg)
+    np.testing.assert_array_equal(out["class_labels"][0], [0, 1, 3])  # 255 is ignored, not a class
+    with pytest.raises(ValueError, match=r"class ids \[-2\] outside >= 0"):
+        Mask2FormerImageProcessor(size={"height": 8, "width": 8})(image, np.full((8, 8), -2))
