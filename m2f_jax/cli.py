@@ -9,6 +9,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -117,7 +118,9 @@ def cmd_train(args) -> int:
         summary = train(targs)
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
-    print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export")}))
+    print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export", "stopped")}))
+    if summary["stopped"] is not None:  # the shell's status for a process ended by that signal
+        return 128 + int(signal.Signals[summary["stopped"]])
     return 0
 
 

@@ -18,6 +18,7 @@ from m2f_jax.evaluation import (
     rgb2id,
     write_coco_panoptic,
 )
+from tests import TORCH_REASON
 
 pycocotools = pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils  # noqa: E402
@@ -71,7 +72,7 @@ def test_miou_rejects_out_of_range_labels():
 def test_miou_matches_torchmetrics_per_class_iou_and_accuracy():
     """Oracle: torchmetrics MulticlassJaccardIndex(average=None) / MulticlassAccuracy, accumulated
     over 4 random images with ignored pixels; compared on classes with ground truth (rtol 1e-6)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
     classification = pytest.importorskip("torchmetrics.classification")
     num_classes, rng = 7, np.random.default_rng(0)
     jaccard = classification.MulticlassJaccardIndex(num_classes=num_classes, average=None, ignore_index=255)
@@ -280,7 +281,7 @@ def _segments_of(ids):
 def test_pq_matches_torchmetrics_without_void_or_crowd():
     """Oracle: torchmetrics PanopticQuality on (category, instance) maps; without VOID or crowd its
     rules coincide with panopticapi's. 5 random 32x32 images, things {1, 2}, stuff {3, 4} (rtol 1e-6)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
     detection = pytest.importorskip("torchmetrics.detection")
     categories, things, stuff = [1, 2, 3, 4], [1, 2], [3, 4]
     rng = np.random.default_rng(1)

@@ -107,3 +107,43 @@ def test_eval_command_on_the_trained_checkpoint_matches_transformers(trained, tm
     # fp32 logits differ by ~1e-5 between the frameworks: at most a few argmax ties may flip
     assert metrics["mIoU"] == pytest.approx(expected, abs=2e-3)
     assert metrics["mIoU"] >= MIOU_THRESHOLD
+
+
+def test_sigterm_saves_the_completed_step_and_resume_goes_on(trained, tmp_path, monkeypatch):
+    """A preempted run (SIGTERM after step 2 of 4, no checkpoint due before step 100) saves step 2,
+    exits with the shell's status for SIGTERM (143), and --resume goes on from step 3. The same
+    dataset and step as the fixture's, so the programs come from the test session's compilation
+    cache."""
+    import os
+    import signal
+    import threading
+
+    from m2f_jax.training import run
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    handler = signal.getsignal(signal.SIGTERM)
+    out = str(tmp_path / "run")
+    argv = ["train", "--data", trained["data"], "--format", "semantic", "--init", "tiny", "--steps", "4",
+            "--batch-size", "8", "--crop", "64", "--lr", "3e-4", "--min-scale", "0.8", "--max-scale", "1.25",
+            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "1",
+            "--save-every", "100", "--out", out]
+    note = run.nonfinite_note
+
+    def terminated_at_step_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return note(step, metrics)
+
+    monkeypatch.setattr(run, "nonfinite_note", terminated_at_step_2)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert cli.main(argv) == 128 + signal.SIGTERM
+    assert json.loads(stdout.getvalue().strip().splitlines()[-1])["stopped"] == "SIGTERM"
+    assert sorted(d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()) == ["2"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    monkeypatch.setattr(run, "nonfinite_note", note)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert cli.main(argv + ["--resume"]) == 0
+    assert json.loads(stdout.getvalue().strip().splitlines()[-1])["step"] == 4
+    with open(f"{out}/metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -171,6 +173,31 @@ def nonfinite_note(step: int, metrics: Dict[str, float]) -> Optional[str]:
     return None
 
 
+class StopSignals:
+    """While active, SIGTERM (what a preempted TPU VM or a scheduler sends) and SIGINT (Ctrl-C) set
+    ``received`` (the signal's name) instead of ending the process, so that the train loop can
+    save the step it completed and stop. Handlers are installed only in the main thread and
+    restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def write_progress(done: int, total: int, suffix: str = "") -> None:
     """A one-line text progress bar on stderr, rewritten in place; ends the line when done."""
     filled = int(24 * done / max(total, 1))
@@ -231,12 +258,13 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     val_every = args.val_every or args.steps
     last, val_metrics, val_initial = {}, {}, None
     nonfinite_steps = 0  # steps with a non-finite loss or gradient norm
-    with open(log_path, "a") as log, batches:
+    stop = StopSignals()
+    with open(log_path, "a") as log, batches, stop:
         if args.val_first and int(state.step) == 0:
             val_initial = validate(forward, state.params, val_set, val_size, config.num_labels)
             log.write(json.dumps({"step": 0, **{f"val_{k}": v for k, v in val_initial.items()}}) + "\n")
         t_last = time.perf_counter()
-        while int(state.step) < args.steps:
+        while int(state.step) < args.steps and stop.received is None:
             batch = next(batches)
             batch = {k: batch[k] for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
@@ -259,11 +287,20 @@ def train(args: TrainArgs) -> Dict[str, Any]:
             if args.progress:
                 write_progress(step, args.steps, f" loss {last['loss']:.3f} lr {last['learning_rate']:.2e} "
                                                  f"{images_per_s:.1f} img/s")
-            if step % args.save_every == 0 or step == args.steps:
+            due = step % args.save_every == 0 or step == args.steps
+            if due or stop.received is not None:  # a stop signal: save the step just completed
                 manager.save(step, state, {"data": batches.state(), "config": config.to_dict()},
-                             force=step == args.steps)
+                             force=step == args.steps or not due)
     manager.wait_until_finished()
+    saved_step = manager.latest_step()
     manager.close()
+    if stop.received is not None:
+        step = int(state.step)
+        where = (f"saved in {manager.directory}; --resume continues from it" if saved_step == step
+                 else "before any step of this run: nothing new to save")
+        print(f"\n{stop.received}: stopped after step {step}, {where}.", file=sys.stderr)
+        return {"step": step, "train": last, "val": val_metrics, "val_initial": val_initial, "export": None,
+                "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": stop.received}
 
     export = os.path.join(args.out, "hf")
     save_hf_folder(jax.tree_util.tree_map(np.asarray, state.params), config, export)
@@ -271,4 +308,4 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
     ).save_pretrained(export)
     return {"step": int(state.step), "train": last, "val": val_metrics, "val_initial": val_initial,
-            "export": export, "log": log_path, "nonfinite_steps": nonfinite_steps}
+            "export": export, "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": None}
