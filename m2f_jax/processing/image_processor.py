@@ -248,18 +248,15 @@ def _array_to_rgb(image: np.ndarray) -> np.ndarray:
     return composite.astype(image.dtype)
 
 
-_DATA_FORMATS = {"channels_first": "channels_first", "channels_last": "channels_last",
-                 "ChannelDimension.FIRST": "channels_first", "ChannelDimension.LAST": "channels_last"}
-
-
 def _data_format(input_data_format) -> Optional[str]:
-    """transformers' ``input_data_format`` (a string or its ``ChannelDimension``) -> ours."""
+    """transformers' ``input_data_format``: "channels_first" / "channels_last", or its
+    ``ChannelDimension`` (whose value is that string)."""
     if input_data_format is None:
         return None
-    name = str(getattr(input_data_format, "value", input_data_format))
-    if name not in _DATA_FORMATS:
+    name = getattr(input_data_format, "value", input_data_format)
+    if name not in ("channels_first", "channels_last"):
         raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}.")
-    return _DATA_FORMATS[name]
+    return name
 
 
 def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_format=None) -> np.ndarray:
