@@ -16,8 +16,9 @@ def main(argv=None) -> int:
         ),
     )
     parser.add_argument("src", help="local folder with config.json and weights")
-    parser.add_argument("dst", help="output folder (created)")
+    parser.add_argument("dst", help="output folder (created; files it has are kept unless --overwrite)")
     parser.add_argument("--to", choices=("auto", "flax", "hf"), default="auto", help="force a direction")
+    parser.add_argument("--overwrite", action="store_true", help="replace files DST already has")
     args = parser.parse_args(argv)
 
     from convert.folders import flax_folder_to_hf, has_config, hf_folder_to_flax, is_flax_folder
@@ -29,10 +30,10 @@ def main(argv=None) -> int:
         if to == "auto":
             to = "hf" if is_flax_folder(args.src) else "flax"
         if to == "hf":
-            flax_folder_to_hf(args.src, args.dst)
+            flax_folder_to_hf(args.src, args.dst, args.overwrite)
         else:
-            hf_folder_to_flax(args.src, args.dst)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+            hf_folder_to_flax(args.src, args.dst, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {'HF' if to == 'hf' else 'Flax'} checkpoint to {args.dst}")

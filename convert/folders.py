@@ -2,8 +2,10 @@
 folder (config.json + flax_model.msgpack), each readable and writable."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from typing import Tuple
 
 import numpy as np
@@ -86,16 +88,44 @@ def _to_numpy(tree):
     return np.asarray(tree, dtype=np.float32)
 
 
-def hf_folder_to_flax(src: str, dst: str) -> None:
+def hf_folder_to_flax(src: str, dst: str, overwrite: bool = False) -> None:
     config, params = load_hf_folder(src)
-    save_flax_folder(params, config, dst)
-    _copy_preprocessor(src, dst)
+    with _staged(src, dst, overwrite) as stage:
+        save_flax_folder(params, config, stage)
+        _copy_preprocessor(src, stage)
 
 
-def flax_folder_to_hf(src: str, dst: str) -> None:
+def flax_folder_to_hf(src: str, dst: str, overwrite: bool = False) -> None:
     config, params = load_flax_folder(src)
-    save_hf_folder(params, config, dst)
-    _copy_preprocessor(src, dst)
+    with _staged(src, dst, overwrite) as stage:
+        save_hf_folder(params, config, stage)
+        _copy_preprocessor(src, stage)
+
+
+@contextlib.contextmanager
+def _staged(src: str, dst: str, overwrite: bool):
+    """A fresh folder beside ``dst`` to write into; its files are moved into ``dst`` only once all
+    are written (a failure leaves ``dst`` as it was). Refuses ``dst`` = ``src`` and, unless
+    ``overwrite``, files of ``dst`` that the conversion would replace."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise FileExistsError(f"{dst} is a file; the output must be a folder.")
+    if os.path.isdir(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst} is the source folder; write the converted checkpoint to another folder.")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".m2f-convert-", dir=parent)
+    try:
+        yield stage
+        written = sorted(os.listdir(stage))
+        clashes = [name for name in written if os.path.exists(os.path.join(dst, name))]
+        if clashes and not overwrite:
+            raise FileExistsError(f"{dst} already has {', '.join(clashes)}; pass --overwrite to replace "
+                                  "them, or choose an empty folder.")
+        os.makedirs(dst, exist_ok=True)
+        for name in written:
+            os.replace(os.path.join(stage, name), os.path.join(dst, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _copy_preprocessor(src: str, dst: str) -> None:

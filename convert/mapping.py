@@ -145,6 +145,11 @@ def _ignored(key: str) -> bool:
     return any(key.endswith(s) for s in IGNORED_SUFFIXES)
 
 
+# (to Flax, back to PyTorch) axis permutations: Linear [out, in] <-> Dense [in, out]; Conv OIHW <-> HWIO
+_LINEAR = ((1, 0), (1, 0))
+_CONV = ((2, 3, 1, 0), (3, 2, 0, 1))
+
+
 def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
     """Maps an HF state dict onto a Flax params tree.
 
@@ -161,15 +166,20 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
     filled: Dict[Tuple[str, ...], np.ndarray] = {}
     unexpected, misshaped = [], []
 
-    def put(path, value, source):
+    def put(path, value, source, layout=None):
+        """``layout``: (to ours, back to the checkpoint's) axis permutation of this weight."""
         if path not in targets:
             unexpected.append(source)
             return
         want = tuple(targets[path].shape)
-        if tuple(value.shape) != want:
-            misshaped.append(f"{source}: checkpoint {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
+        ours = tuple(value.shape) if layout is None else tuple(value.shape[i] for i in layout[0])
+        if ours != want:
+            # both shapes in the checkpoint's own layout (what its author sees)
+            expected = want if layout is None else tuple(want[i] for i in layout[1])
+            misshaped.append(f"{source}: checkpoint {tuple(value.shape)}, expected {expected} "
+                             f"(for {'/'.join(path)} {want})")
             return
-        filled[path] = np.asarray(value, dtype=np.float32)
+        filled[path] = np.asarray(value if layout is None else value.transpose(layout[0]), dtype=np.float32)
 
     for raw_key, raw_value in state_dict.items():
         key = to_memory_layout(raw_key)
@@ -183,17 +193,13 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
                 continue
             for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
                 if leaf == "in_proj_weight":
-                    put(mod + (name, "kernel"), part.T, raw_key)
+                    put(mod + (name, "kernel"), part, raw_key, _LINEAR)
                 else:
                     put(mod + (name, "bias"), part, raw_key)
             continue
         if leaf == "weight":
             if mod + ("kernel",) in targets:
-                if value.ndim == 2:
-                    value = value.T  # Linear [out, in] -> Dense [in, out]
-                elif value.ndim == 4:
-                    value = value.transpose(2, 3, 1, 0)  # Conv OIHW -> HWIO
-                put(mod + ("kernel",), value, raw_key)
+                put(mod + ("kernel",), value, raw_key, {2: _LINEAR, 4: _CONV}.get(value.ndim))
             elif mod + ("scale",) in targets:
                 put(mod + ("scale",), value, raw_key)
             elif mod + ("embedding",) in targets:

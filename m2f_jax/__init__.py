@@ -15,14 +15,17 @@ _LAZY = {
     "Mask2Former": "m2f_jax.hub",
     "enable_compilation_cache": "m2f_jax.hub",
     "segment": "m2f_jax.inference",
+    "iter_segment": "m2f_jax.inference",
+    "bucket_sizes": "m2f_jax.inference",
     "overlay": "m2f_jax.visualize",
     "Mask2FormerImageProcessor": "m2f_jax.processing.image_processor",
-    "Mask2FormerForUniversalSegmentation": "m2f_jax.modeling.mask2former",
-    "Mask2FormerModel": "m2f_jax.modeling.mask2former",
+    "Mask2FormerForUniversalSegmentation": "m2f_jax.hub",
+    "Mask2FormerModel": "m2f_jax.hub",
 }
 
 __all__ = ["Mask2Former", "Mask2FormerConfig", "Mask2FormerForUniversalSegmentation", "Mask2FormerImageProcessor",
-           "Mask2FormerModel", "SwinConfig", "enable_compilation_cache", "load", "overlay", "segment"]
+           "Mask2FormerModel", "SwinConfig", "bucket_sizes", "enable_compilation_cache", "iter_segment", "load", "overlay",
+           "segment"]
 
 
 def __getattr__(name):

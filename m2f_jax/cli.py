@@ -52,39 +52,98 @@ def _upscaled(array, min_side: int):
     return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
 
 
-def cmd_segment(args) -> int:
-    import numpy as np
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-    from m2f_jax.inference import load_image, segment
+
+def expand_inputs(arguments: List[str]):
+    """Image paths from files, folders (their image files, sorted; not recursive) and glob
+    patterns (``**`` recursive), in order, without repeats; and one error line per argument that
+    names nothing."""
+    import glob
+
+    paths, errors, seen = [], [], set()
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found = [os.path.join(argument, f) for f in sorted(os.listdir(argument))
+                     if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(argument, f))]
+            if not found:
+                errors.append(f"{argument}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.exists(argument) or not glob.has_magic(argument):
+            found = [argument]  # a missing file is reported when it is read
+        else:
+            found = sorted(p for p in glob.glob(argument, recursive=True) if os.path.isfile(p))
+            if not found:
+                errors.append(f"{argument}: no file matches this pattern")
+        for path in found:
+            if path not in seen:
+                seen.add(path)
+                paths.append(path)
+    return paths, errors
+
+
+def _output_stems(paths: List[str]) -> List[str]:
+    """An output name per input: its file name without extension, made unique with -2, -3, ...
+    when two inputs share a name."""
+    stems, used = [], set()
+    for path in paths:
+        stem = base = os.path.splitext(os.path.basename(path))[0]
+        n = 1
+        while stem in used:
+            n += 1
+            stem = f"{base}-{n}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def cmd_segment(args) -> int:
+    from m2f_jax.inference import ImageError, iter_segment, load_image
+    from m2f_jax.progress import Progress
     from m2f_jax.visualize import overlay
 
-    images = args.images or _default_images()
-    if not images:
-        raise UserError("no images given (and no embedded example images found)")
+    paths, input_errors = expand_inputs(args.images) if args.images else (_default_images(), [])
+    for message in input_errors:
+        print(f"error: {message}", file=sys.stderr)
+    if not paths:
+        raise UserError("no images to segment" + ("" if args.images else " (and no embedded example images found)"))
     model = _load_model(args.model)
-    os.makedirs(args.out, exist_ok=True)
-    loaded, failures = [], 0
-    for path in images:
-        try:
-            loaded.append((path, load_image(path)))
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failures += 1
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".m2f_write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {args.out}: {e.strerror or e}") from e
+    stems = _output_stems(paths)
     thresholds = {} if args.threshold is None else {"threshold": args.threshold}
-    results = segment(model, [a for _, a in loaded], task=args.task, **thresholds) if loaded else []
+    progress = Progress(len(paths), enabled=None if not args.quiet else False)
+    failures, written = len(input_errors), 0
     print(f"{'image':<28} {'segments':>8}  top segments (label score area)")
-    for (path, array), result in zip(loaded, results):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        overlay(_upscaled(array, args.min_overlay_size),
+    for index, result in iter_segment(model, paths, task=args.task, batch_size=args.batch_size,
+                                      buckets=not args.exact_sizes, errors="yield", **thresholds):
+        path = paths[index]
+        if not isinstance(result, ImageError):
+            try:
+                image = load_image(path)
+            except (FileNotFoundError, ValueError) as e:  # changed or removed since it was read
+                result = ImageError(index, path, f"{path}: {e}")
+        if isinstance(result, ImageError):
+            progress.update()
+            progress.print(f"error: {result}", file=sys.stderr)
+            failures += 1
+            continue
+        overlay(_upscaled(image, args.min_overlay_size),
                 {"segmentation": result["segmentation"], "segments_info": result["segments"]},
-                model.config.id2label).save(os.path.join(args.out, f"{stem}_{args.task}.png"))
-        with open(os.path.join(args.out, f"{stem}_{args.task}.json"), "w") as f:
+                model.config.id2label).save(os.path.join(args.out, f"{stems[index]}_{args.task}.png"))
+        with open(os.path.join(args.out, f"{stems[index]}_{args.task}.json"), "w") as f:
             json.dump({"image": path, "task": args.task, "segments": result["segments"]}, f, indent=1)
+        written += 2
         top = sorted(result["segments"], key=lambda s: -s["area"])[:4]
         desc = ", ".join(f"{s['label']} {s['score']:.2f} {s['area']}" for s in top)
-        print(f"{os.path.basename(path)[:28]:<28} {len(result['segments']):>8}  {desc}")
-    print(f"wrote {2 * len(results)} files to {args.out}")
-    return 1 if failures else 0
+        progress.update()
+        progress.print(f"{os.path.basename(path)[:28]:<28} {len(result['segments']):>8}  {desc}")
+    print(f"wrote {written} files to {args.out}" + (f"; {failures} inputs failed" if failures else ""))
+    return 2 if failures else 0
 
 
 def cmd_eval(args) -> int:
@@ -98,7 +157,7 @@ def cmd_eval(args) -> int:
     from m2f_jax.evaluation.run import evaluate
 
     metrics = evaluate(model, dataset, task=args.task, fmt=args.format, max_images=args.max_images,
-                       progress=not args.quiet)
+                       progress=not args.quiet, batch_size=args.batch_size)
     for name, value in metrics.items():
         if isinstance(value, float):
             print(f"{name:<12} {100 * value:6.2f}")
@@ -110,13 +169,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from m2f_jax.training.checkpoint import DamagedCheckpointError
     from m2f_jax.training.run import TrainArgs, train
 
     fields = {f for f in TrainArgs.__dataclass_fields__}
     targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
     try:
         summary = train(targs)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DamagedCheckpointError) as e:
         raise UserError(str(e)) from e
     print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export", "stopped")}))
     if summary["stopped"] is not None:  # the shell's status for a process ended by that signal
@@ -127,7 +187,7 @@ def cmd_train(args) -> int:
 def cmd_convert(args) -> int:
     from convert.__main__ import main as convert_main
 
-    return convert_main([args.src, args.dst, "--to", args.to])
+    return convert_main([args.src, args.dst, "--to", args.to] + (["--overwrite"] if args.overwrite else []))
 
 
 def cmd_smoke(args) -> int:
@@ -146,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = add_parser("segment", help="segment images; writes an overlay PNG and a JSON of segments per image")
-    p.add_argument("images", nargs="*", help="image files (default: the embedded example images)")
+    p.add_argument("images", nargs="*",
+                   help="image files, folders or glob patterns such as 'photos/**/*.jpg' (default: the "
+                        "embedded example images)")
     p.add_argument("--model", help="checkpoint folder or Hub id (default: the embedded model)")
     p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="panoptic")
     p.add_argument("--threshold", type=float, default=None, help="minimum segment score (default 0.5)")
@@ -154,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-overlay-size", type=int, default=256,
                    help="small images are drawn enlarged by an integer factor up to this short side, "
                         "so labels stay legible (default 256; 0: always the image's own size)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward (default: 8 per device on GPU/TPU, 1 on CPU)")
+    p.add_argument("--exact-sizes", action="store_true",
+                   help="run every processed size as it is (transformers' results; one compile per "
+                        "size) instead of padding to a few size buckets (see README)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
 
     p = add_parser("eval", help="evaluate a checkpoint on a dataset (mIoU, PQ or mask AP)")
@@ -163,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="semantic")
     p.add_argument("--split", default="val")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward (default: 8 per device on GPU/TPU, 1 on CPU)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -198,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=("auto", "flax", "hf"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace files DST already has")
     p.set_defaults(func=cmd_convert)
 
     p = add_parser("smoke", help="random-weights Swin-T forward on a synthetic image: shapes and timing")

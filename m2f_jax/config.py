@@ -36,6 +36,19 @@ def _written_fields(config):
     return out
 
 
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not
+    an object (a config file's fields)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object (the config's fields), got {type(values).__name__}.")
+    return values
+
+
 @dataclasses.dataclass
 class SwinConfig:
     image_size: int = 224
@@ -285,8 +298,7 @@ class Mask2FormerConfig:
     def from_json_file(cls, path: str) -> "Mask2FormerConfig":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No config file at {path}.")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "Mask2FormerConfig":

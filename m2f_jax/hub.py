@@ -20,23 +20,73 @@ _WEIGHT_FILES = (
 
 
 class Mask2Former:
-    """A loaded model: ``.config``, ``.module`` (Flax), ``.params``, ``.processor`` and a jitted
-    ``__call__(pixel_values, pixel_mask=None, **flags)`` with NHWC ``pixel_values``."""
+    """A model ready to call: ``.config``, ``.module`` (Flax linen), ``.params``, ``.processor`` and
+    a jitted ``__call__(pixel_values, pixel_mask=None, **flags)`` with NHWC ``pixel_values``.
 
-    def __init__(self, config: Mask2FormerConfig, params, dtype=jnp.float32, processor=None, path=None,
-                 variant: Optional[str] = None, precision: Optional[str] = None):
-        from m2f_jax.modeling import variants
-        from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation, matmul_precision
+    As transformers' Flax models: ``Mask2Former.from_pretrained(folder or Hub id)`` (=
+    ``m2f_jax.load``), ``save_pretrained(folder)`` (a folder transformers loads), and
+    ``Mask2Former(config)`` for random weights (``seed``). ``m2f_jax.Mask2FormerForUniversalSegmentation``
+    is this class; the linen module is ``m2f_jax.modeling.mask2former.Mask2FormerForUniversalSegmentation``.
+    """
 
+    _module_class_name = "Mask2FormerForUniversalSegmentation"
+
+    def __init__(self, config: Mask2FormerConfig, params=None, dtype=jnp.float32, processor=None, path=None,
+                 variant: Optional[str] = None, precision: Optional[str] = None, seed: int = 0):
+        from m2f_jax.modeling import mask2former, variants
+
+        if not isinstance(config, Mask2FormerConfig):
+            raise TypeError(f"config must be a m2f_jax.Mask2FormerConfig, got {type(config).__name__}.")
         self.config = config
         self.dtype = dtype
         # the variant of the device the jitted forward runs on (JAX's default device)
         variant = variants.resolve(variant, jax.devices()[0].platform)
-        matmul_precision(precision)  # a bad value fails here, not at the first call
-        self.module = Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant, precision=precision)
+        mask2former.matmul_precision(precision)  # a bad value fails here, not at the first call
+        self.module = getattr(mask2former, self._module_class_name)(
+            config, dtype=dtype, **({"variant": variant, "precision": precision}
+                                    if self._module_class_name == "Mask2FormerForUniversalSegmentation" else {}))
+        if params is None:
+            params = self._random_params(seed)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.processor = processor
         self.path = path
+
+    def _random_params(self, seed: int):
+        pixels = jnp.zeros((1, 64, 64, self.config.backbone_config.num_channels), jnp.float32)
+        return jax.jit(self.module.init)(jax.random.key(seed), pixels)["params"]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
+                        variant: Optional[str] = None, precision: Optional[str] = None):
+        """Loads a checkpoint folder or Hub id (see ``m2f_jax.load``)."""
+        from convert.folders import is_flax_folder, load_flax_folder, load_hf_folder
+
+        folder = resolve(name_or_path, revision)
+        config, params = load_flax_folder(folder) if is_flax_folder(folder) else load_hf_folder(folder)
+        processor = None
+        if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+            processor = Mask2FormerImageProcessor.from_pretrained(folder)
+        if cls._module_class_name == "Mask2FormerModel":
+            params = params["model"]  # the bare model of a universal checkpoint, as transformers
+        return cls(config, params, dtype=dtype, processor=processor, path=folder, variant=variant,
+                   precision=precision)
+
+    def save_pretrained(self, save_directory: str) -> str:
+        """Writes config.json, model.safetensors (transformers' layout: its
+        ``Mask2FormerForUniversalSegmentation.from_pretrained`` loads it) and, when the model has
+        one, preprocessor_config.json. Returns the folder."""
+        from convert.folders import save_hf_folder
+
+        if self._module_class_name != "Mask2FormerForUniversalSegmentation":
+            raise NotImplementedError("save_pretrained writes universal-segmentation checkpoints; the bare "
+                                      "model has no class predictor to write.")
+        os.makedirs(save_directory, exist_ok=True)
+        save_hf_folder(jax.device_get(self.params), self.config, save_directory)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+        return save_directory
 
     @functools.cached_property
     def _forward(self):
@@ -59,18 +109,75 @@ class Mask2Former:
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_auxiliary_logits: Optional[bool] = None,
+        mask_labels=None,
+        class_labels=None,
+        key=None,
+        given_points=None,
     ):
+        """The forward (eval mode). With ``mask_labels`` (per image an (N_i, H, W) array of binary
+        masks at the input size) and ``class_labels`` (per image (N_i,) ids), as transformers:
+        the output's ``loss`` is the weighted training loss (auxiliary levels included when
+        ``config.use_auxiliary_loss``), from a separate jitted program, so the plain forward is
+        unchanged. Its random points come from ``key`` (default ``jax.random.key(0)``) or from
+        ``given_points`` (``m2f_jax.training.criterion``'s format, e.g. transformers' draws
+        replayed)."""
         from m2f_jax.modeling.mask2former import check_pixel_values
 
         check_pixel_values(pixel_values, self.config)  # before jit, for a readable error
         cfg = self.config
-        return self._forward(
-            self.params,
-            jnp.asarray(pixel_values),
+        flags = (
             bool(cfg.output_hidden_states if output_hidden_states is None else output_hidden_states),
             bool(cfg.output_attentions if output_attentions is None else output_attentions),
             bool(cfg.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits),
         )
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("the loss needs both mask_labels and class_labels (one was given).")
+        if mask_labels is None:
+            return self._forward(self.params, jnp.asarray(pixel_values), *flags)
+        targets = _padded_targets(mask_labels, class_labels, pixel_values.shape[0], self.config.num_labels)
+        if given_points is None:
+            draws = {"key": jax.random.key(0) if key is None else key}
+        else:
+            draws = {"given_points": given_points}
+        return self._loss_forward(self.params, jnp.asarray(pixel_values), *targets, draws, *flags)
+
+    @functools.cached_property
+    def _loss_forward(self):
+        from m2f_jax.training.criterion import LossConfig, mask2former_loss
+
+        loss_config = LossConfig.from_config(self.config)
+        use_aux = bool(self.config.use_auxiliary_loss)
+
+        def forward(params, pixel_values, masks, classes, valid, draws, output_hidden_states, output_attentions,
+                    output_auxiliary_logits):
+            out = self.module.apply({"params": params}, pixel_values, deterministic=True,
+                                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                    output_auxiliary_logits=True)
+            losses = mask2former_loss(out.class_queries_logits, out.masks_queries_logits, masks, classes, valid,
+                                      config=loss_config, auxiliary_logits=out.auxiliary_logits if use_aux else None,
+                                      **draws)
+            return out.replace(loss=losses["loss"],
+                               auxiliary_logits=out.auxiliary_logits if output_auxiliary_logits else None)
+
+        return jax.jit(forward, static_argnums=(6, 7, 8))
+
+    def sharded_call(self, pixel_values, mesh):
+        """The forward with the batch split over ``mesh``'s one axis (its size must divide the
+        batch) and the parameters replicated on it (once per mesh); outputs are sharded alike."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from m2f_jax.modeling.mask2former import check_pixel_values
+
+        check_pixel_values(pixel_values, self.config)
+        (axis,) = mesh.axis_names
+        if pixel_values.shape[0] % mesh.shape[axis]:
+            raise ValueError(f"the batch ({pixel_values.shape[0]}) must divide over the mesh's "
+                             f"{mesh.shape[axis]} devices.")
+        replicated = self.__dict__.setdefault("_replicated", {})
+        if mesh not in replicated:
+            replicated[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        batch = jax.device_put(jnp.asarray(pixel_values), NamedSharding(mesh, PartitionSpec(axis)))
+        return self._forward(replicated[mesh], batch, False, False, False)
 
     def __repr__(self):
         bb = self.config.backbone_config
@@ -79,6 +186,74 @@ class Mask2Former:
             f"num_labels={self.config.num_labels}, num_queries={self.config.num_queries}, "
             f"dtype={jnp.dtype(self.dtype).name}, path={self.path!r})"
         )
+
+
+def _padded_targets(mask_labels, class_labels, batch_size: int, num_labels: int):
+    """transformers' per-image label lists -> (B, M, H, W) float32 masks, (B, M) int32 classes and
+    (B, M) valid flags, M the largest count rounded up to a power of two (few programs)."""
+    import numpy as np
+
+    if len(mask_labels) != batch_size or len(class_labels) != batch_size:
+        raise ValueError(f"mask_labels and class_labels need one entry per image ({batch_size}); got "
+                         f"{len(mask_labels)} and {len(class_labels)}.")
+    masks = [np.asarray(m, np.float32) for m in mask_labels]
+    classes = [np.asarray(c).reshape(-1) for c in class_labels]
+    shapes = {m.shape[1:] for m in masks if m.ndim == 3}
+    if any(m.ndim != 3 for m in masks) or len(shapes) > 1:
+        raise ValueError(f"mask_labels must be (N_i, H, W) arrays of one size; got shapes {[m.shape for m in masks]}.")
+    for i, (m, c) in enumerate(zip(masks, classes)):
+        if len(m) != len(c):
+            raise ValueError(f"image {i}: {len(m)} masks but {len(c)} class labels.")
+        if c.size and (c.min() < 0 or c.max() >= num_labels):
+            raise ValueError(f"image {i}: class_labels must be in [0, {num_labels}); got {sorted(set(c.tolist()))}.")
+    slots = 1
+    while slots < max(len(c) for c in classes):
+        slots *= 2
+    (height, width), = shapes
+    out_masks = np.zeros((batch_size, slots, height, width), np.float32)
+    out_classes = np.zeros((batch_size, slots), np.int32)
+    valid = np.zeros((batch_size, slots), bool)
+    for i, (m, c) in enumerate(zip(masks, classes)):
+        out_masks[i, : len(m)], out_classes[i, : len(c)], valid[i, : len(c)] = m, c, True
+    return out_masks, out_classes, valid
+
+
+class Mask2FormerModel(Mask2Former):
+    """transformers' ``Mask2FormerModel``: the backbone, pixel decoder and transformer decoder
+    without the class head; its call returns ``Mask2FormerModelOutput`` (transformers' fields,
+    NHWC maps). ``from_pretrained`` takes a universal-segmentation checkpoint and keeps its
+    ``model`` weights, as transformers does."""
+
+    _module_class_name = "Mask2FormerModel"
+
+    @functools.cached_property
+    def _forward(self):
+        from m2f_jax.modeling.mask2former import model_output
+
+        def forward(params, pixel_values, output_hidden_states, output_attentions):
+            outputs = self.module.apply({"params": params}, pixel_values.astype(self.dtype), True)
+            return model_output(outputs, output_hidden_states, output_attentions)
+
+        return jax.jit(forward, static_argnums=(2, 3))
+
+    def __call__(self, pixel_values, pixel_mask=None, output_hidden_states: Optional[bool] = None,
+                 output_attentions: Optional[bool] = None):
+        from m2f_jax.modeling.mask2former import check_pixel_values
+
+        check_pixel_values(pixel_values, self.config)
+        cfg = self.config
+        return self._forward(
+            self.params, jnp.asarray(pixel_values),
+            bool(cfg.output_hidden_states if output_hidden_states is None else output_hidden_states),
+            bool(cfg.output_attentions if output_attentions is None else output_attentions),
+        )
+
+    def sharded_call(self, pixel_values, mesh):
+        raise NotImplementedError("sharded_call is for the universal-segmentation model.")
+
+
+# transformers' names: the universal-segmentation model is the class ``load`` returns
+Mask2FormerForUniversalSegmentation = Mask2Former
 
 
 def _hub_cache_dirs():
@@ -179,17 +354,8 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
     ``precision``: the matmul/convolution precision, None (JAX's default), "default", "high" or
     "highest" (float32 on GPU and TPU; see README "Precision").
     """
-    from convert.folders import is_flax_folder, load_flax_folder, load_hf_folder
-
-    folder = resolve(name_or_path, revision)
-    config, params = load_flax_folder(folder) if is_flax_folder(folder) else load_hf_folder(folder)
-    processor = None
-    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
-
-        processor = Mask2FormerImageProcessor.from_pretrained(folder)
-    return Mask2Former(config, params, dtype=dtype, processor=processor, path=folder, variant=variant,
-                       precision=precision)
+    return Mask2Former.from_pretrained(name_or_path, dtype=dtype, revision=revision, variant=variant,
+                                       precision=precision)
 
 
 def enable_compilation_cache(path: Optional[str] = None, min_compile_time_secs: float = 1.0) -> str:

@@ -122,3 +122,115 @@ def test_class_ids_outside_the_labels_are_an_error_except_ignore_index():
     np.testing.assert_array_equal(out["class_labels"][0], [0, 1, 3])  # 255 is ignored, not a class
     with pytest.raises(ValueError, match=r"class ids \[-2\] outside >= 0"):
         Mask2FormerImageProcessor(size={"height": 8, "width": 8})(image, np.full((8, 8), -2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged or hostile checkpoint files, conversion that must not destroy the user's files
+# ----------------------------------------------------------------------------------------------
+
+
+def _copy(tiny_checkpoint, tmp_path, name="ckpt"):
+    import shutil
+
+    return shutil.copytree(tiny_checkpoint[0], tmp_path / name)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "m2f_jax", *args], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_truncated_safetensors_and_bad_config_json_name_the_file(tiny_checkpoint, tmp_path):
+    import m2f_jax
+
+    folder = _copy(tiny_checkpoint, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        m2f_jax.load(str(folder))
+    (folder / "config.json").write_text('{"model_type": "mask2former",')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        m2f_jax.load(str(folder))
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object"):
+        m2f_jax.load(str(folder))
+
+
+def test_truncated_and_malicious_pytorch_pickles_are_refused_in_one_line(tiny_checkpoint, tmp_path):
+    torch = pytest.importorskip("torch")
+    import os
+    import pickle
+
+    folder = _copy(tiny_checkpoint, tmp_path)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in
+             __import__("safetensors.numpy", fromlist=["load_file"]).load_file(str(folder / "model.safetensors")).items()}
+    os.remove(folder / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    r = _cli("segment", "--model", str(folder), str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "pytorch_model.bin is not a readable PyTorch checkpoint" in r.stderr
+
+    class Exploit:  # unpickling it would run a shell command
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"weight": Exploit()}, f)
+    r = _cli("segment", "--model", str(folder), str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "refused" in r.stderr and not (tmp_path / "pwned").exists()
+
+
+def test_wrong_shaped_weight_is_reported_in_the_checkpoints_own_layout(tiny_checkpoint):
+    from convert.checkpoint import read_state_dict
+    from convert.folders import param_shapes
+    from convert.mapping import ConversionError, hf_to_flax
+    from m2f_jax.config import Mask2FormerConfig
+
+    folder = tiny_checkpoint[0]
+    state = dict(read_state_dict(folder))
+    name = "model.transformer_module.decoder.layers.0.fc1.weight"  # Linear (32, 64) [out, in]
+    assert state[name].shape == (32, 64)
+    state[name] = np.zeros((32, 65), np.float32)
+    conv = "model.pixel_level_module.decoder.mask_projection.weight"  # Conv OIHW (64, 64, 1, 1)
+    state[conv] = np.zeros((64, 64, 3, 3), np.float32)
+    with pytest.raises(ConversionError) as err:
+        hf_to_flax(state, param_shapes(Mask2FormerConfig.from_pretrained(folder)))
+    text = str(err.value)
+    assert f"{name}: checkpoint (32, 65), expected (32, 64)" in text
+    assert f"{conv}: checkpoint (64, 64, 3, 3), expected (64, 64, 1, 1)" in text
+
+
+def test_convert_keeps_the_users_files_and_refuses_its_own_source(tiny_checkpoint, tmp_path):
+    src = _copy(tiny_checkpoint, tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    dst = tmp_path / "mine"
+    dst.mkdir()
+    (dst / "config.json").write_text("my own notes")
+    (dst / "README.md").write_text("keep me")
+    r = _cli("convert", str(src), str(dst))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "already has config.json" in r.stderr and "--overwrite" in r.stderr
+    assert (dst / "config.json").read_text() == "my own notes" and sorted(p.name for p in dst.iterdir()) == [
+        "README.md", "config.json"]  # nothing written, no staging folder left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m2f-convert-")]
+    r = _cli("convert", str(src), str(dst), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (dst / "README.md").read_text() == "keep me" and (dst / "flax_model.msgpack").is_file()
+    r = _cli("convert", str(src), str(src))
+    assert r.returncode == 2 and "is the source folder" in r.stderr and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_segment_to_an_unwritable_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    r = _cli("segment", "--out", str(blocker / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "cannot write to the output folder" in r.stderr

@@ -17,6 +17,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -161,6 +162,78 @@ def test_leftover_partial_save_is_ignored(tmp_path):
     assert int(restored.step) == 2 and extra == {"data_position": 2}
     manager.wait_until_finished()
     assert not partial.exists()  # cleaned up by the manager that opened the directory
+    manager.close()
+
+
+def _two_checkpoints(tmp_path):
+    """Steps 2 and 4 of the stand-in run, saved; returns (manager factory, states by step, fresh)."""
+    state, optimizer = fresh_state()
+    step_fn = jax.jit(make_generic_train_step(stand_in_loss, optimizer))
+    manager = CheckpointManager(tmp_path, save_every=2, keep=3)
+    saved = {}
+    for position in range(4):
+        state, _ = step_fn(state, batch_at(position))
+        if manager.save(int(state.step), state, {"data_position": position + 1}):
+            saved[int(state.step)] = jax.device_get(state)
+    manager.close()
+    return (lambda: CheckpointManager(tmp_path, save_every=2, keep=3)), saved, fresh_state()[0]
+
+
+def _largest_file(folder):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_64_bytes(path):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate_largest", "delete_largest", "flip_64_bytes", "remove_metadata",
+                                    "remove_extra"])
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capfd, damage):
+    """Damage to step 4 after it was saved: restore_latest says so on stderr and restores step 2
+    exactly (its data position too); never step 4's damaged arrays."""
+    reopen, saved, fresh = _two_checkpoints(tmp_path)
+    step4 = str(tmp_path / "4")
+    if damage == "truncate_largest":
+        path = _largest_file(step4 + "/state")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "delete_largest":
+        os.remove(_largest_file(step4 + "/state"))
+    elif damage == "flip_64_bytes":
+        _flip_64_bytes(_largest_file(step4 + "/state"))
+    elif damage == "remove_metadata":
+        for d, _, files in os.walk(step4):
+            for f in files:
+                if "METADATA" in f.upper():
+                    os.remove(os.path.join(d, f))
+    else:
+        import shutil
+
+        shutil.rmtree(step4 + "/extra")
+    manager = reopen()
+    restored, extra = manager.restore_latest(abstract_state(fresh))
+    manager.close()
+    assert int(restored.step) == 2 and extra == {"data_position": 2}
+    for a, b in zip(_leaves(restored), _leaves(saved[2])):
+        np.testing.assert_array_equal(a, b)
+    err = capfd.readouterr().err
+    assert f"{step4}" in err and "resuming from step 2" in err, err
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    from m2f_jax.training.checkpoint import DamagedCheckpointError
+
+    reopen, _, fresh = _two_checkpoints(tmp_path)
+    for step in ("2", "4"):
+        _flip_64_bytes(_largest_file(str(tmp_path / step / "state")))
+    manager = reopen()
+    with pytest.raises(DamagedCheckpointError, match=r"no intact checkpoint in .*/2.*(damaged|cannot be read)"):
+        manager.restore_latest(abstract_state(fresh))
     manager.close()
 
 

@@ -26,7 +26,7 @@ def test_segment_writes_overlays_and_json_and_survives_a_bad_image(tiny_checkpoi
     bad.write_text("not an image")
     r = _run("segment", str(good), str(bad), "--model", str(model), "--task", "instance",
              "--threshold", "0", "--out", str(tmp_path / "out"))
-    assert r.returncode == 1, r.stderr  # one image failed, the other was written
+    assert r.returncode == 2, r.stderr  # one image failed, the other was written
     assert "Traceback" not in r.stderr and "bad.png" in r.stderr
     written = json.load(open(tmp_path / "out" / "good_instance.json"))
     assert written["segments"] and {"id", "label_id", "label", "score", "area"} <= set(written["segments"][0])
@@ -49,3 +49,31 @@ def test_missing_model_and_bad_arguments_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     r = _run("eval", "--format", "semantic")
     assert r.returncode == 2 and "--data" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_segment_takes_folders_and_globs_and_reports_each_bad_input(tiny_checkpoint, tmp_path):
+    """A folder (its images, sorted), a glob, a pattern and a file that name nothing, a bad file,
+    two files with one name: every good image's outputs are written, each bad input gets one
+    line on stderr, the exit status is 2."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint[0], model)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}, size_divisor=0).save_pretrained(str(model))
+    rng = np.random.default_rng(1)
+    photos, other = tmp_path / "photos", tmp_path / "other" / "deep"
+    photos.mkdir(), other.mkdir(parents=True)
+    for name, folder in (("a.png", photos), ("b.jpg", photos), ("a.png", other)):
+        Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(folder / name)
+    (photos / "notes.txt").write_text("not an image, not picked")
+    (photos / "broken.png").write_text("not an image")
+    r = _run("segment", str(photos), str(tmp_path / "other" / "**" / "*.png"), str(tmp_path / "nothing*.png"),
+             str(tmp_path / "missing.jpg"), "--model", str(model), "--out", str(tmp_path / "out"), "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors), errors
+    assert any("broken.png" in e for e in errors) and any("nothing*.png" in e and "no file matches" in e for e in errors)
+    assert any("missing.jpg" in e for e in errors)
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert written == ["a-2_panoptic.json", "a-2_panoptic.png", "a_panoptic.json", "a_panoptic.png",
+                       "b_panoptic.json", "b_panoptic.png"]
+    assert json.load(open(tmp_path / "out" / "a-2_panoptic.json"))["image"] == str(other / "a.png")

@@ -110,10 +110,11 @@ def test_eval_command_on_the_trained_checkpoint_matches_transformers(trained, tm
 
 
 def test_sigterm_saves_the_completed_step_and_resume_goes_on(trained, tmp_path, monkeypatch):
-    """A preempted run (SIGTERM after step 2 of 4, no checkpoint due before step 100) saves step 2,
-    exits with the shell's status for SIGTERM (143), and --resume goes on from step 3. The same
-    dataset and step as the fixture's, so the programs come from the test session's compilation
-    cache."""
+    """A preempted run (SIGTERM after step 2, no checkpoint due before step 100) saves step 2 and
+    exits with the shell's status for SIGTERM (143); ``--resume`` goes on from step 3 (preempted
+    again after step 4, it saves step 4). The fixture's arguments (``--steps`` included: the
+    learning-rate schedule is part of the program), so the step program comes from the test
+    session's compilation cache."""
     import os
     import signal
     import threading
@@ -124,26 +125,30 @@ def test_sigterm_saves_the_completed_step_and_resume_goes_on(trained, tmp_path, 
         pytest.skip("signal handlers can only be installed from the main thread")
     handler = signal.getsignal(signal.SIGTERM)
     out = str(tmp_path / "run")
-    argv = ["train", "--data", trained["data"], "--format", "semantic", "--init", "tiny", "--steps", "4",
+    argv = ["train", "--data", trained["data"], "--format", "semantic", "--init", "tiny", "--steps", str(STEPS),
             "--batch-size", "8", "--crop", "64", "--lr", "3e-4", "--min-scale", "0.8", "--max-scale", "1.25",
             "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "1",
             "--save-every", "100", "--out", out]
     note = run.nonfinite_note
 
-    def terminated_at_step_2(step, metrics):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return note(step, metrics)
+    def terminate_at(stop_step):
+        def terminated(step, metrics):
+            if step == stop_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return note(step, metrics)
+        return terminated
 
-    monkeypatch.setattr(run, "nonfinite_note", terminated_at_step_2)
+    monkeypatch.setattr(run, "nonfinite_note", terminate_at(2))
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         assert cli.main(argv) == 128 + signal.SIGTERM
     assert json.loads(stdout.getvalue().strip().splitlines()[-1])["stopped"] == "SIGTERM"
     assert sorted(d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()) == ["2"]
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
-    monkeypatch.setattr(run, "nonfinite_note", note)
+    monkeypatch.setattr(run, "nonfinite_note", terminate_at(4))
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert cli.main(argv + ["--resume"]) == 0
-    assert json.loads(stdout.getvalue().strip().splitlines()[-1])["step"] == 4
+        assert cli.main(argv + ["--resume"]) == 128 + signal.SIGTERM
+    summary = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    assert summary["step"] == 4 and summary["stopped"] == "SIGTERM"
+    assert sorted(d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()) == ["2", "4"]
     with open(f"{out}/metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]

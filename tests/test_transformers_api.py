@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import transformers
@@ -22,11 +23,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_top_level_names_are_the_models_and_the_processor():
-    from m2f_jax.modeling import mask2former
+    from m2f_jax import hub
 
     assert m2f_jax.Mask2FormerImageProcessor is Mask2FormerImageProcessor
-    assert m2f_jax.Mask2FormerForUniversalSegmentation is mask2former.Mask2FormerForUniversalSegmentation
-    assert m2f_jax.Mask2FormerModel is mask2former.Mask2FormerModel
+    # the loaded-model classes (as transformers' Flax models: module + params), not linen modules
+    assert m2f_jax.Mask2FormerForUniversalSegmentation is hub.Mask2Former is m2f_jax.Mask2Former
+    assert issubclass(m2f_jax.Mask2FormerModel, hub.Mask2Former)
     assert set(m2f_jax.__all__) >= {"Mask2FormerImageProcessor", "Mask2FormerModel", "enable_compilation_cache"}
 
 
@@ -143,3 +145,107 @@ def test_command_line_compilation_cache_switch():
     parser = build_parser()
     assert parser.parse_args(["segment", "--no-compilation-cache"]).no_compilation_cache is True
     assert parser.parse_args(["eval", "--data", "d", "--format", "semantic"]).no_compilation_cache is False
+
+
+# ----------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained, the bare model, the loss from the call (transformers' oracle)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pixels(seed=0, size=(64, 96)):
+    return np.random.default_rng(seed).normal(size=(2, *size, 3)).astype(np.float32)
+
+
+def test_from_pretrained_and_save_pretrained_round_trip_through_transformers(tiny_checkpoint, tmp_path):
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from tests.hf_models import run_hf
+
+    folder, torch_model = tiny_checkpoint
+    model = m2f_jax.Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+    assert isinstance(model, m2f_jax.Mask2Former) and model.path == folder
+    saved = model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(saved).eval()
+    pixels = _pixels()
+    theirs, ours = run_hf(reloaded, pixels), model(pixels)
+    expected = run_hf(torch_model, pixels)
+    np.testing.assert_allclose(theirs.class_queries_logits.numpy(), expected.class_queries_logits.numpy(), atol=0)
+    np.testing.assert_allclose(np.asarray(ours.masks_queries_logits), expected.masks_queries_logits.numpy(), atol=1e-4)
+    # random weights from a config alone, as transformers' Flax models: the loaded tree, other values
+    fresh = m2f_jax.Mask2FormerForUniversalSegmentation(model.config, seed=3)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)
+    assert shapes(fresh.params) == shapes(model.params)
+    assert not np.allclose(fresh.params["class_predictor"]["kernel"], model.params["class_predictor"]["kernel"])
+
+
+def test_bare_model_gives_transformers_model_output_fields(tiny_checkpoint):
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    folder, _ = tiny_checkpoint
+    theirs_model = transformers.Mask2FormerModel.from_pretrained(folder).eval()
+    ours_model = m2f_jax.Mask2FormerModel.from_pretrained(folder)
+    pixels = _pixels(1)
+    with torch.no_grad():
+        theirs = theirs_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2)), output_hidden_states=True,
+                              output_attentions=True)
+    ours = ours_model(pixels, output_hidden_states=True, output_attentions=True)
+    nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
+    batch_first = lambda t: t.numpy().transpose(1, 0, 2)  # transformers' decoder states are (Q, B, C)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-4)
+    close(ours.encoder_last_hidden_state, nhwc(theirs.encoder_last_hidden_state))
+    close(ours.pixel_decoder_last_hidden_state, nhwc(theirs.pixel_decoder_last_hidden_state))
+    close(ours.transformer_decoder_last_hidden_state, theirs.transformer_decoder_last_hidden_state.numpy())
+    for field, convert in (("encoder_hidden_states", nhwc), ("pixel_decoder_hidden_states", nhwc),
+                           ("transformer_decoder_hidden_states", batch_first),
+                           ("transformer_decoder_intermediate_states", batch_first),
+                           ("masks_queries_logits", lambda t: t.numpy()), ("attentions", lambda t: t.numpy())):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert len(a) == len(b), field
+        for x, y in zip(a, b):
+            close(x, convert(y))
+    plain = ours_model(pixels)
+    assert plain.encoder_hidden_states is None and plain.attentions is None
+
+
+def test_loss_from_the_call_matches_transformers_with_its_draws_replayed(tiny_checkpoint):
+    """transformers' ``model(pixel_values, mask_labels=, class_labels=).loss`` with its torch.rand
+    draws recorded, against ours with those points given; and with a key, the loss of the
+    criterion on the forward's outputs."""
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from m2f_jax.training.criterion import LossConfig, points_from_torch_draws
+
+    folder, torch_model = tiny_checkpoint
+    model = m2f_jax.load(folder)
+    pixels = _pixels(2)
+    rng = np.random.default_rng(5)
+    mask_labels = [(rng.random((n, 64, 96)) > 0.6).astype(np.float32) for n in (3, 1)]
+    class_labels = [rng.integers(0, model.config.num_labels, n) for n in (3, 1)]
+    draws, real_rand = [], torch.rand
+
+    def recording_rand(*args, **kwargs):
+        out = real_rand(*args, **kwargs)
+        draws.append(out.numpy().copy())
+        return out
+
+    torch.manual_seed(0)
+    torch.rand = recording_rand
+    try:
+        with torch.no_grad():
+            theirs = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                                 mask_labels=[torch.from_numpy(m) for m in mask_labels],
+                                 class_labels=[torch.from_numpy(c).long() for c in class_labels])
+    finally:
+        torch.rand = real_rand
+    config = LossConfig.from_config(model.config)
+    given = points_from_torch_draws(draws, 2, model.config.decoder_layers, config)
+    ours = model(pixels, mask_labels=mask_labels, class_labels=class_labels, given_points=given)
+    np.testing.assert_allclose(float(ours.loss), float(theirs.loss), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours.class_queries_logits), theirs.class_queries_logits.numpy(), atol=1e-4)
+    assert ours.auxiliary_logits is None  # as asked (config default), though the loss used them
+
+    # with a key (the default path): other random points, the same loss up to their sampling
+    keyed = model(pixels, mask_labels=mask_labels, class_labels=class_labels, key=jax.random.key(7))
+    assert float(keyed.loss) != float(ours.loss)
+    np.testing.assert_allclose(float(keyed.loss), float(theirs.loss), rtol=0.05)
+    with pytest.raises(ValueError, match="both mask_labels and class_labels"):
+        model(pixels, mask_labels=mask_labels)
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\)"):
+        model(pixels, mask_labels=mask_labels, class_labels=[np.array([0, 1, 9]), np.array([0])])

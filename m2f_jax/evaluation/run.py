@@ -4,7 +4,9 @@ evaluator of the task: mIoU (semantic), PQ (panoptic) or mask AP (instance).
 
 Ground truth comes from the dataset loaders (``m2f_jax.data``), which skip crowd regions; for PQ
 those pixels count as VOID, as panopticapi treats crowd and unlabelled pixels alike.
-Instance predictions are the visible part of each instance in ``segment``'s id map.
+Instance predictions are every query's best (query, class) pairs with their full masks (the Q best
+by class probability, as Mask2Former's instance inference), with no score threshold and no overlap
+removal, scored as detectron2 does; COCOeval keeps the 100 best per image.
 """
 from __future__ import annotations
 
@@ -14,14 +16,19 @@ import numpy as np
 
 
 def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
-             max_images: Optional[int] = None, progress: bool = True) -> Dict[str, float]:
+             max_images: Optional[int] = None, progress: bool = True,
+             batch_size: Optional[int] = None) -> Dict[str, float]:
+    """Metrics of ``model`` on ``dataset`` (``m2f_jax.data``) for ``task``. Images are batched and
+    spread over the local devices as ``m2f_jax.segment`` does (exact sizes, no size buckets)."""
     from m2f_jax.evaluation.panoptic import PanopticEvaluator
     from m2f_jax.evaluation.semantic import SemanticEvaluator
-    from m2f_jax.inference import segment
-    from m2f_jax.training.run import semantic_target, write_progress
+    from m2f_jax.inference import iter_segment
+    from m2f_jax.progress import write_progress
+    from m2f_jax.training.run import semantic_target
 
     num_labels = model.config.num_labels
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    options = {}
     if task == "semantic":
         evaluator = SemanticEvaluator(num_labels, ignore_index=255)
     elif task == "panoptic":
@@ -29,13 +36,25 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
         categories = {c + 1: bool(is_thing[c]) if is_thing is not None else True for c in range(num_labels)}
         evaluator = PanopticEvaluator(categories, void_id=0)
     elif task == "instance":
-        images, predictions = [], []
+        from m2f_jax.evaluation.instance import InstanceEvaluator
+
+        # every query's (query, class) pair with its full mask, no threshold, no overlap removal
+        options = {"threshold": 0.0, "return_masks": True}
+        examples = [dataset[i] for i in range(count)]  # the ground truth must be complete up front
+        evaluator = InstanceEvaluator(_coco_ground_truth(examples, num_labels))
     else:
         raise ValueError(f"task must be semantic, panoptic or instance, got {task!r}")
 
-    for i in range(count):
-        example = dataset[i]
-        result = segment(model, example["image"], task=task)[0]
+    pending: Dict[int, dict] = {}  # examples whose image is in flight, by index
+
+    def images():
+        for i in range(count):
+            example = examples[i] if task == "instance" else dataset[i]
+            pending[i] = example
+            yield example["image"]
+
+    for done, (i, result) in enumerate(iter_segment(model, images(), task=task, batch_size=batch_size, **options), 1):
+        example = pending.pop(i)
         masks, classes = example["masks"], example["class_ids"]
         if task == "semantic":
             evaluator.update(result["segmentation"], semantic_target(masks, classes))
@@ -47,27 +66,24 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
             pred_info = [{"id": s["id"], "category_id": s["label_id"] + 1, "iscrowd": 0} for s in result["segments"]]
             evaluator.update(gt, gt_info, result["segmentation"], pred_info)
         else:
-            images.append({"id": i, "masks": masks, "category_ids": classes + 1,
-                           "height": masks.shape[1], "width": masks.shape[2]})
-            seg = result["segmentation"]
-            predictions.append([
-                {"mask": seg == s["id"], "score": s["score"], "category_id": s["label_id"] + 1}
-                for s in result["segments"]
-            ])
+            evaluator.update(i, [{"segmentation": rle, "score": s["score"], "category_id": s["label_id"] + 1}
+                                 for rle, s in zip(result["masks"], result["segments"])])
         if progress:
-            write_progress(i + 1, count)
+            write_progress(done, count)
 
-    if task == "instance":
-        from m2f_jax.evaluation.instance import InstanceEvaluator, coco_instance_ground_truth
-
-        evaluator = InstanceEvaluator(coco_instance_ground_truth(images, list(range(1, num_labels + 1))))
-        for i, preds in enumerate(predictions):
-            evaluator.update(i, preds)
-        metrics = evaluator.compute()
-        return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
     metrics = evaluator.compute()
+    if task == "instance":
+        return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
     if task == "semantic":
         return {k: float(metrics[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")}
     return {f"{name}_{k}": float(metrics[group][k])
             for group, name in (("All", "All"), ("Things", "Things"), ("Stuff", "Stuff"))
             for k in ("pq", "sq", "rq")}
+
+
+def _coco_ground_truth(examples, num_labels: int) -> dict:
+    from m2f_jax.evaluation.instance import coco_instance_ground_truth
+
+    images = [{"id": i, "masks": e["masks"], "category_ids": np.asarray(e["class_ids"]) + 1,
+               "height": e["masks"].shape[1], "width": e["masks"].shape[2]} for i, e in enumerate(examples)]
+    return coco_instance_ground_truth(images, list(range(1, num_labels + 1)))

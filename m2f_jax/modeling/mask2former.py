@@ -35,9 +35,45 @@ class Mask2FormerOutput:
     pixel_decoder_hidden_states: Optional[Tuple[jax.Array, ...]] = None  # 3 NHWC maps, 1/32 .. 1/8
     transformer_decoder_hidden_states: Optional[Tuple[jax.Array, ...]] = None  # decoder_layers x (B, Q, C)
     attentions: Optional[Tuple[jax.Array, ...]] = None  # decoder self-attention, (B, nh, Q, Q) each
+    loss: Optional[jax.Array] = None  # () weighted training loss, when labels were given
 
     def __getitem__(self, key):
         return getattr(self, key)
+
+
+@flax.struct.dataclass
+class Mask2FormerModelOutput:
+    """transformers' ``Mask2FormerModelOutput`` fields (the bare model), NHWC maps, batch-first
+    decoder states."""
+
+    encoder_last_hidden_state: jax.Array  # (B, H/32, W/32, C_4)
+    pixel_decoder_last_hidden_state: jax.Array  # (B, H/4, W/4, C_m) = mask features
+    transformer_decoder_last_hidden_state: jax.Array  # (B, Q, C), not layer-normed
+    masks_queries_logits: Tuple[jax.Array, ...] = ()  # decoder_layers x (B, Q, H/4, W/4)
+    encoder_hidden_states: Optional[Tuple[jax.Array, ...]] = None  # 4 NHWC maps, 1/4 .. 1/32
+    pixel_decoder_hidden_states: Optional[Tuple[jax.Array, ...]] = None  # 3 NHWC maps, 1/32 .. 1/8
+    transformer_decoder_hidden_states: Optional[Tuple[jax.Array, ...]] = None  # decoder_layers x (B, Q, C)
+    transformer_decoder_intermediate_states: Optional[Tuple[jax.Array, ...]] = None  # layer-normed, (B, Q, C)
+    attentions: Optional[Tuple[jax.Array, ...]] = None  # decoder self-attention, (B, nh, Q, Q) each
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def model_output(outputs, output_hidden_states: bool, output_attentions: bool) -> Mask2FormerModelOutput:
+    """The bare ``Mask2FormerModel``'s tuple as transformers' ``Mask2FormerModelOutput``."""
+    features, mask_features, multi_scale, (hidden, intermediate, masks, history, attentions) = outputs
+    return Mask2FormerModelOutput(
+        encoder_last_hidden_state=features[-1],
+        pixel_decoder_last_hidden_state=mask_features,
+        transformer_decoder_last_hidden_state=hidden,
+        masks_queries_logits=tuple(masks),
+        encoder_hidden_states=tuple(features) if output_hidden_states else None,
+        pixel_decoder_hidden_states=tuple(multi_scale) if output_hidden_states else None,
+        transformer_decoder_hidden_states=tuple(history) if output_hidden_states else None,
+        transformer_decoder_intermediate_states=tuple(intermediate) if output_hidden_states else None,
+        attentions=tuple(attentions) if output_attentions else None,
+    )
 
 
 def check_pixel_values(pixel_values, config: Mask2FormerConfig) -> None:

@@ -750,8 +750,9 @@ class Mask2FormerImageProcessor:
         config_file = path if os.path.isfile(path) else os.path.join(path, PREPROCESSOR_CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"No image processor config found at {config_file}.")
-        with open(config_file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        from m2f_jax.config import read_json_object
+
+        return cls.from_dict(read_json_object(config_file), **overrides)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
         """Writes preprocessor_config.json into `save_directory` (created if needed); returns
@@ -794,6 +795,7 @@ class Mask2FormerImageProcessor:
         instance_id_to_semantic_id: Union[Mapping, Sequence[Mapping], None] = None,
         return_channels_first: bool = False,
         input_data_format=None,
+        return_tensors: Optional[str] = None,
         **overrides,
     ) -> Dict[str, Any]:
         """Resize, rescale, normalize and pad a batch, and build mask/class targets.
@@ -809,6 +811,8 @@ class Mask2FormerImageProcessor:
             input_data_format: "channels_first" or "channels_last" (or transformers'
                 `ChannelDimension`): the channel axis of array images; default: inferred
                 (see :func:`to_channels_last`).
+            return_tensors: None or "np" (NumPy arrays, the only kind returned; transformers'
+                "pt" / "tf" are a ValueError: convert with ``jnp.asarray`` where needed).
             **overrides: any setting of the processor, for this call only.
 
         Returns:
@@ -817,6 +821,9 @@ class Mask2FormerImageProcessor:
             of float32 (N_i, Hp, Wp), padded with ignore_index as in transformers) and
             ``class_labels`` (a list of int64 (N_i,)).
         """
+        if return_tensors not in (None, "np", "numpy"):
+            raise ValueError(f"return_tensors={return_tensors!r}: this processor returns NumPy arrays "
+                             "(return_tensors='np' or None).")
         cfg = self._call_settings(overrides)
         image_list = [to_channels_last(im, cfg["do_convert_rgb"], input_data_format) for im in _as_image_list(images)]
         channel_counts = sorted({image.shape[-1] for image in image_list})

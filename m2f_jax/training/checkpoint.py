@@ -13,15 +13,42 @@ and step listing ignores tmp directories, so a save interrupted at any point lea
 checkpoint as the latest one. A manager opening the directory deletes leftover tmp directories in
 the background (``cleanup_tmp_directories``; ``wait_until_finished`` waits for it).
 ``tests/test_checkpoint.py`` kills a process inside a save to check all this.
+
+Damage after the save (a file truncated or deleted, flipped bytes, lost metadata) is detected:
+every array's CRC-32 is kept in ``extra`` (``_checksums``) and checked after a restore, and a
+step whose restore fails or whose arrays do not match is skipped by :meth:`restore_latest`,
+which falls back to the newest intact checkpoint (saying so on stderr) or raises
+:class:`DamagedCheckpointError` when none is intact.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Tuple
+import sys
+import zlib
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+CHECKSUMS = "_checksums"
+
+
+class DamagedCheckpointError(ValueError):
+    """No checkpoint in the directory could be restored intact."""
+
+
+def checksums(state) -> Dict[str, int]:
+    """CRC-32 of every array of ``state`` (its bytes on the host), by tree path."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        out[jax.tree_util.keystr(path)] = zlib.crc32(array.tobytes()) ^ zlib.crc32(repr((array.dtype.str, array.shape)).encode())
+    return out
 
 
 def abstract_state(state) -> Any:
@@ -77,9 +104,11 @@ class CheckpointManager:
         # Decided here: Orbax's own interval check also saves the first step it sees.
         if not force and step % self.save_every:
             return False
+        extra = dict(extra or {})
+        extra[CHECKSUMS] = checksums(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            extra=ocp.args.JsonSave(dict(extra or {})),
+            extra=ocp.args.JsonSave(extra),
         )
         return self._manager.save(step, args=args, force=True)
 
@@ -91,21 +120,52 @@ class CheckpointManager:
 
     def restore(self, step: int, abstract_state) -> Tuple[Any, dict]:
         """``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` (with shardings, see
-        :func:`abstract_state`) or a live state of the same structure."""
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                extra=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], dict(restored["extra"] or {})
+        :func:`abstract_state`) or a live state of the same structure. Raises
+        :class:`DamagedCheckpointError` when the step cannot be read or its arrays do not match
+        the checksums saved with them."""
+        where = os.path.join(os.fspath(self.directory), str(int(step)))
+        try:
+            restored = self._manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    extra=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # the files are at fault: Orbax and tensorstore raise many kinds
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DamagedCheckpointError(f"{where} cannot be read ({type(e).__name__}: {first})") from e
+        state, extra = restored["state"], dict(restored["extra"] or {})
+        expected = extra.pop(CHECKSUMS, None)
+        if expected is None:
+            raise DamagedCheckpointError(f"{where} has no array checksums (its metadata is incomplete)")
+        actual = checksums(state)
+        bad = sorted(name for name in actual if expected.get(name) != actual[name])
+        if bad or set(expected) != set(actual):
+            raise DamagedCheckpointError(
+                f"{where} is damaged: {len(bad)} array(s) differ from their saved checksums ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})")
+        return state, extra
 
     def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict]]:
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.restore(step, abstract_state)
+        """The newest intact checkpoint ``(state, extra)``, or None when there is none at all.
+        A damaged newer one is reported on stderr and skipped; when every one is damaged,
+        :class:`DamagedCheckpointError` names them."""
+        steps = sorted(self.all_steps(), reverse=True)
+        problems = []
+        for step in steps:
+            try:
+                restored = self.restore(step, abstract_state)
+            except DamagedCheckpointError as e:
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+                problems.append(str(e))
+                continue
+            if problems:
+                print(f"warning: resuming from step {step}, the newest intact checkpoint", file=sys.stderr)
+            return restored
+        if problems:
+            raise DamagedCheckpointError(f"no intact checkpoint in {os.fspath(self.directory)}: " + "; ".join(problems))
+        return None
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()

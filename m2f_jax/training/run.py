@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from m2f_jax.progress import write_progress
+
 FORMATS = ("semantic", "panoptic", "instance")
 
 # Model geometries to start from scratch. "tiny" is the embedded default's geometry.
@@ -196,15 +198,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def write_progress(done: int, total: int, suffix: str = "") -> None:
-    """A one-line text progress bar on stderr, rewritten in place; ends the line when done."""
-    filled = int(24 * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {done}/{total}{suffix}")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def train(args: TrainArgs) -> Dict[str, Any]:
