@@ -99,8 +99,8 @@ def timed(command: list, env: dict) -> float:
 
 def agreement(count: int = 24) -> dict:
     """The buckets' effect on a trained model's outputs: the embedded default model (trained on
-    the synthetic scenes at 96x96) with a shortest-edge processor (96 / 160 / 32: buckets 96x96,
-    96x128, 128x96, 96x160, 160x96), on ``count`` synthetic scenes of mixed sizes; per image the
+    the synthetic scenes at 96x96) with a shortest-edge processor (96 / 256 / 32: buckets 96x96,
+    96x192, 192x96, 96x256, 256x96), on ``count`` synthetic scenes of mixed sizes; per image the
     fraction of pixels whose semantic class, and whose panoptic class, is the same with buckets
     as at the exact size."""
     import m2f_jax
@@ -111,7 +111,7 @@ def agreement(count: int = 24) -> dict:
 
     model = m2f_jax.load(DEFAULT_MODEL)
     settings = {k: v for k, v in model.processor.to_dict().items() if k in ("image_mean", "image_std")}
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 96, "longest_edge": 160}, size_divisor=32,
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 96, "longest_edge": 256}, size_divisor=32,
                                           **settings)
     rng = np.random.default_rng(0)
     images = [render_scene(0, "val", i, image_size=tuple(int(v) for v in rng.integers(64, 200, 2))).image

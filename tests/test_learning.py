@@ -109,17 +109,18 @@ def test_eval_command_on_the_trained_checkpoint_matches_transformers(trained, tm
     assert metrics["mIoU"] >= MIOU_THRESHOLD
 
 
-def test_sigterm_saves_the_completed_step_and_resume_goes_on(trained, tmp_path, monkeypatch):
-    """A preempted run (SIGTERM after step 2, no checkpoint due before step 100) saves step 2 and
-    exits with the shell's status for SIGTERM (143); ``--resume`` goes on from step 3 (preempted
-    again after step 4, it saves step 4). The fixture's arguments (``--steps`` included: the
-    learning-rate schedule is part of the program), so the step program comes from the test
-    session's compilation cache."""
+def test_sigterm_saves_the_completed_step_and_exits_with_its_status(trained, tmp_path, monkeypatch):
+    """A preempted run (SIGTERM after step 2, no checkpoint due before step 100) saves step 2,
+    with the data position after it, and exits with the shell's status for SIGTERM (143). The
+    fixture's arguments (``--steps`` included: the learning-rate schedule is part of the program),
+    so the step program comes from the test session's compilation cache. (Resuming from a
+    checkpoint: tests/test_checkpoint.py.)"""
     import os
     import signal
     import threading
 
     from m2f_jax.training import run
+    from m2f_jax.training.checkpoint import CheckpointManager
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be installed from the main thread")
@@ -131,24 +132,22 @@ def test_sigterm_saves_the_completed_step_and_resume_goes_on(trained, tmp_path, 
             "--save-every", "100", "--out", out]
     note = run.nonfinite_note
 
-    def terminate_at(stop_step):
-        def terminated(step, metrics):
-            if step == stop_step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return note(step, metrics)
-        return terminated
+    def terminated_at_step_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return note(step, metrics)
 
-    monkeypatch.setattr(run, "nonfinite_note", terminate_at(2))
+    monkeypatch.setattr(run, "nonfinite_note", terminated_at_step_2)
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         assert cli.main(argv) == 128 + signal.SIGTERM
-    assert json.loads(stdout.getvalue().strip().splitlines()[-1])["stopped"] == "SIGTERM"
-    assert sorted(d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()) == ["2"]
-    assert signal.getsignal(signal.SIGTERM) is handler  # restored
-    monkeypatch.setattr(run, "nonfinite_note", terminate_at(4))
-    with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert cli.main(argv + ["--resume"]) == 128 + signal.SIGTERM
     summary = json.loads(stdout.getvalue().strip().splitlines()[-1])
-    assert summary["step"] == 4 and summary["stopped"] == "SIGTERM"
-    assert sorted(d for d in os.listdir(f"{out}/checkpoints") if d.isdigit()) == ["2", "4"]
+    assert summary["stopped"] == "SIGTERM" and summary["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    manager = CheckpointManager(f"{out}/checkpoints")
+    assert manager.all_steps() == [2]
+    with open(manager.directory / "2" / "extra" / "metadata") as f:  # the JSON item, as Orbax writes it
+        extra = json.load(f)
+    manager.close()
+    assert (extra["data"]["epoch"], extra["data"]["batch"]) == (0, 2)  # the third batch comes next
     with open(f"{out}/metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

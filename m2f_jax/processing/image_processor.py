@@ -259,16 +259,20 @@ def _data_format(input_data_format) -> Optional[str]:
     return name
 
 
-def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_format=None) -> np.ndarray:
-    """One input image as a (H, W, C) array, C in (1, 3, 4), or 3 with `do_convert_rgb`.
+def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_format=None,
+                     num_channels: Optional[int] = None) -> np.ndarray:
+    """One input image as a (H, W, C) array, C in (1, 3, 4) or ``num_channels`` (the processor's
+    ``image_mean`` length, e.g. 2 or 5 for a backbone with that many input channels), or 3 with
+    `do_convert_rgb`; any C when ``input_data_format`` is given.
 
     Accepts a PIL image, or an array (anything `np.asarray` takes that has a `shape`) that is
     (H, W), (H, W, C) or (C, H, W). ``input_data_format`` ("channels_first" / "channels_last")
-    names the channel axis; without it the last axis is the channel axis if it has 1, 3 or 4
-    entries, else the first one if it has (transformers tries the first axis first, which takes
-    an RGB image 3 or 4 pixels high, or one pixel high, for channels-first).
+    names the channel axis; without it the last axis is the channel axis if it has one of the
+    channel counts above, else the first one if it has (transformers tries the first axis first,
+    which takes an RGB image 3 or 4 pixels high, or one pixel high, for channels-first).
     """
     data_format = _data_format(input_data_format)
+    counts = (1, 3, 4) if num_channels in (None, 1, 3, 4) else (1, 3, 4, int(num_channels))
     if isinstance(image, Image.Image):
         array = _pil_to_rgb(image) if do_convert_rgb else np.array(image)
         if array.ndim == 2:
@@ -279,13 +283,13 @@ def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_f
             array = array[..., None]
         elif array.ndim == 3:
             first = data_format == "channels_first" or (
-                data_format is None and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4))
+                data_format is None and array.shape[-1] not in counts and array.shape[0] in counts)
             if first:
                 array = np.moveaxis(array, 0, -1)
-            elif array.shape[-1] not in (1, 3, 4):
+            elif data_format is None and array.shape[-1] not in counts:
                 raise ValueError(
                     f"Cannot find the channel axis of an image of shape {array.shape}: "
-                    "expected (H, W, C) or (C, H, W) with C in (1, 3, 4)."
+                    f"expected (H, W, C) or (C, H, W) with C in {counts}, or input_data_format."
                 )
         else:
             raise ValueError(
@@ -302,9 +306,9 @@ def to_channels_last(image, do_convert_rgb: Optional[bool] = False, input_data_f
     _check_pixel_dtype(array, "An image")
     if min(array.shape[:2]) < 1:
         raise ValueError(f"An image must have at least one pixel, got shape {array.shape}.")
-    if array.shape[-1] not in (1, 3, 4):
+    if data_format is None and array.shape[-1] not in counts:
         raise ValueError(
-            f"An image must have 1, 3 or 4 channels, got shape {array.shape}; "
+            f"An image must have {' or '.join(map(str, counts))} channels, got shape {array.shape}; "
             "do_convert_rgb=True converts other PIL modes to RGB."
         )
     return array
@@ -825,7 +829,10 @@ class Mask2FormerImageProcessor:
             raise ValueError(f"return_tensors={return_tensors!r}: this processor returns NumPy arrays "
                              "(return_tensors='np' or None).")
         cfg = self._call_settings(overrides)
-        image_list = [to_channels_last(im, cfg["do_convert_rgb"], input_data_format) for im in _as_image_list(images)]
+        mean = cfg["image_mean"]
+        num_channels = len(mean) if isinstance(mean, (list, tuple, np.ndarray)) else None
+        image_list = [to_channels_last(im, cfg["do_convert_rgb"], input_data_format, num_channels)
+                      for im in _as_image_list(images)]
         channel_counts = sorted({image.shape[-1] for image in image_list})
         if len(channel_counts) > 1:
             raise ValueError(
