@@ -149,15 +149,16 @@ def cmd_segment(args) -> int:
 def cmd_eval(args) -> int:
     from m2f_jax.training.run import open_dataset
 
+    from m2f_jax.data.datasets import DataError
+    from m2f_jax.evaluation.run import evaluate
+
     model = _load_model(args.model)
     try:
         dataset = open_dataset(args.data, args.format, args.split)
-    except FileNotFoundError as e:
+        metrics = evaluate(model, dataset, task=args.task, fmt=args.format, max_images=args.max_images,
+                           progress=not args.quiet, batch_size=args.batch_size)
+    except (FileNotFoundError, DataError) as e:
         raise UserError(str(e)) from e
-    from m2f_jax.evaluation.run import evaluate
-
-    metrics = evaluate(model, dataset, task=args.task, fmt=args.format, max_images=args.max_images,
-                       progress=not args.quiet, batch_size=args.batch_size)
     for name, value in metrics.items():
         if isinstance(value, float):
             print(f"{name:<12} {100 * value:6.2f}")
@@ -169,6 +170,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from m2f_jax.data.datasets import DataError
     from m2f_jax.training.checkpoint import DamagedCheckpointError
     from m2f_jax.training.run import TrainArgs, train
 
@@ -176,7 +178,7 @@ def cmd_train(args) -> int:
     targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
     try:
         summary = train(targs)
-    except (FileNotFoundError, DamagedCheckpointError) as e:
+    except (FileNotFoundError, DamagedCheckpointError, DataError) as e:
         raise UserError(str(e)) from e
     print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export", "stopped")}))
     if summary["stopped"] is not None:  # the shell's status for a process ended by that signal

@@ -234,3 +234,16 @@ def test_segment_to_an_unwritable_folder_is_one_line(tmp_path):
     r = _cli("segment", "--out", str(blocker / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     assert "cannot write to the output folder" in r.stderr
+
+
+def test_eval_on_a_dataset_with_a_broken_image_is_one_line(tmp_path):
+    """The embedded default model on a small synthetic dataset whose second validation image is
+    not an image: one line naming it, exit status 2, no traceback."""
+    from m2f_jax.data.synthetic import write_dataset
+
+    write_dataset(str(tmp_path / "data"), num_train=2, num_val=3, image_size=(48, 48), seed=0, formats=("semantic",))
+    broken = sorted((tmp_path / "data" / "images" / "validation").iterdir())[1]
+    broken.write_text("not an image")
+    r = _cli("eval", "--data", str(tmp_path / "data"), "--format", "semantic", "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and str(broken) in r.stderr and "is not a readable image" in r.stderr

@@ -151,3 +151,33 @@ def test_sigterm_saves_the_completed_step_and_exits_with_its_status(trained, tmp
     assert (extra["data"]["epoch"], extra["data"]["batch"]) == (0, 2)  # the third batch comes next
     with open(f"{out}/metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_a_broken_training_image_stops_with_one_line_and_keeps_the_completed_steps(trained, tmp_path):
+    """One training image of a copy of the dataset is truncated: ``m2f-jax train`` (the fixture's
+    program, from the compilation cache) stops when a batch needs it, with one line naming the file
+    and exit status 2, after saving the steps it completed."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    images = sorted((data / "images" / "training").iterdir())
+    broken = images[5]
+    broken.write_bytes(broken.read_bytes()[:100])
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--format", "semantic", "--init", "tiny", "--steps", str(STEPS),
+            "--batch-size", "8", "--crop", "64", "--lr", "3e-4", "--min-scale", "0.8", "--max-scale", "1.25",
+            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "1",
+            "--save-every", "100", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "m2f_jax", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and last.startswith("error: ") and str(broken) in last, r.stderr[-2000:]
+    saved = re.search(r"step (\d+) is saved", last)
+    steps = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
+    assert steps == ([int(saved.group(1))] if saved else []), (last, steps)

@@ -43,6 +43,11 @@ def _split(split: str, layout: int) -> str:
     return _SPLITS[split][layout]
 
 
+class DataError(ValueError):
+    """A dataset file that cannot be read or does not hold what its format says (the message
+    names it)."""
+
+
 def _require(path: str, what: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"expected {what} at {path}")
@@ -51,13 +56,27 @@ def _require(path: str, what: str) -> str:
 
 def read_rgb(path: str) -> np.ndarray:
     """(H, W, 3) uint8; grey, palette and RGBA images are converted as PIL's convert("RGB")."""
-    with Image.open(_require(path, "an image")) as image:
-        return np.asarray(image.convert("RGB"))
+    return np.asarray(read_image(path).convert("RGB"))
+
+
+def read_image(path: str) -> Image.Image:
+    """The decoded image at ``path``; DataError naming it when it is not a readable image."""
+    try:
+        with Image.open(_require(path, "an image")) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated or broken files
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{path} is not a readable image ({type(e).__name__}: {e})") from e
 
 
 def _load_json(path: str, what: str) -> dict:
     with open(_require(path, what)) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} ({what}) is not valid JSON: {e}") from e
 
 
 def _contiguous(categories: List[dict]) -> tuple:
@@ -102,14 +121,13 @@ class SemanticDataset:
 
     def read_label_map(self, index: int) -> np.ndarray:
         """The raw (H, W) label map as stored (palette PNGs give their indices)."""
-        with Image.open(self.label_paths[index]) as label:
-            return np.asarray(label)
+        return np.asarray(read_image(self.label_paths[index]))
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
         image = read_rgb(self.image_paths[index])
         label_map = self.read_label_map(index).astype(np.int64)
         if label_map.ndim != 2 or label_map.shape != image.shape[:2]:
-            raise ValueError(f"label map {self.label_paths[index]} has shape {label_map.shape}, "
+            raise DataError(f"label map {self.label_paths[index]} has shape {label_map.shape}, "
                              f"expected {image.shape[:2]} (one channel, the image's size)")
         if self.reduce_labels:
             label_map = np.where(label_map == 0, self.ignore_index, label_map - 1)
@@ -132,7 +150,7 @@ class _CocoBase:
         self.data = _load_json(annotation_file, f"the COCO {self.kind} annotation file")
         for key in ("images", "annotations", "categories"):
             if key not in self.data:
-                raise ValueError(f"{annotation_file} has no {key!r} list; is it a COCO {self.kind} file?")
+                raise DataError(f"{annotation_file} has no {key!r} list; is it a COCO {self.kind} file?")
         self.category_ids, self.category_to_label, self.id2label = _contiguous(self.data["categories"])
 
     def _image(self, info: dict) -> np.ndarray:
@@ -142,7 +160,7 @@ class _CocoBase:
         try:
             return np.asarray([self.category_to_label[int(c)] for c in category_ids], np.int64)
         except KeyError as error:
-            raise ValueError(f"{self.annotation_file}: category_id {error.args[0]} "
+            raise DataError(f"{self.annotation_file}: category_id {error.args[0]} "
                              "is not in 'categories'") from None
 
 
@@ -178,7 +196,7 @@ class CocoPanopticDataset(_CocoBase):
         image = self._image(self.images[index])
         segment_ids = self.read_segment_ids(index)
         if segment_ids.shape != image.shape[:2]:
-            raise ValueError(f"panoptic PNG of {self.images[index]['file_name']} has size {segment_ids.shape}, "
+            raise DataError(f"panoptic PNG of {self.images[index]['file_name']} has size {segment_ids.shape}, "
                              f"the image {image.shape[:2]}")
         segments = [s for s in self.annotations[index]["segments_info"] if not s.get("iscrowd", 0)]
         ids = np.asarray([s["id"] for s in segments], np.int64)

@@ -206,6 +206,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
 
     from convert.folders import save_hf_folder
     from m2f_jax.data.augment import TrainTransform
+    from m2f_jax.data.datasets import DataError
     from m2f_jax.data.pipeline import BatchIterator
     from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
@@ -257,8 +258,21 @@ def train(args: TrainArgs) -> Dict[str, Any]:
             val_initial = validate(forward, state.params, val_set, val_size, config.num_labels)
             log.write(json.dumps({"step": 0, **{f"val_{k}": v for k, v in val_initial.items()}}) + "\n")
         t_last = time.perf_counter()
+        start_step = int(state.step)
         while int(state.step) < args.steps and stop.received is None:
-            batch = next(batches)
+            position = batches.state()
+            try:
+                batch = next(batches)
+            except DataError as error:  # a bad dataset file: keep the completed steps, then stop
+                step = int(state.step)
+                if step > start_step and manager.latest_step() != step:
+                    manager.save(step, state, {"data": position, "config": config.to_dict()}, force=True)
+                manager.wait_until_finished()
+                if args.progress:
+                    sys.stderr.write("\n")  # the error line starts below the progress bar
+                kept = (f"step {step} is saved; fix or remove the file, then --resume"
+                        if manager.latest_step() == step else "no step of this run completed")
+                raise DataError(f"{error} ({kept})") from error
             batch = {k: batch[k] for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
             step = int(state.step)
