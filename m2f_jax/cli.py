@@ -96,6 +96,17 @@ def _output_stems(paths: List[str]) -> List[str]:
     return stems
 
 
+def _writable_folder(path: str) -> None:
+    """Creates ``path`` if needed and checks that a file can be written there (before any work)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".m2f_write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {path}: {e.strerror or e}") from e
+
+
 def cmd_segment(args) -> int:
     from m2f_jax.inference import ImageError, iter_segment, load_image
     from m2f_jax.progress import Progress
@@ -107,13 +118,7 @@ def cmd_segment(args) -> int:
     if not paths:
         raise UserError("no images to segment" + ("" if args.images else " (and no embedded example images found)"))
     model = _load_model(args.model)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".m2f_write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to the output folder {args.out}: {e.strerror or e}") from e
+    _writable_folder(args.out)
     stems = _output_stems(paths)
     thresholds = {} if args.threshold is None else {"threshold": args.threshold}
     progress = Progress(len(paths), enabled=None if not args.quiet else False)
@@ -176,6 +181,7 @@ def cmd_train(args) -> int:
 
     fields = {f for f in TrainArgs.__dataclass_fields__}
     targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+    _writable_folder(targs.out)
     try:
         summary = train(targs)
     except (FileNotFoundError, DamagedCheckpointError, DataError) as e:

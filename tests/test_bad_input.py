@@ -228,12 +228,13 @@ def test_convert_keeps_the_users_files_and_refuses_its_own_source(tiny_checkpoin
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
-def test_segment_to_an_unwritable_folder_is_one_line(tmp_path):
+def test_segment_and_train_to_an_unwritable_folder_are_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder should go")
-    r = _cli("segment", "--out", str(blocker / "out"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
-    assert "cannot write to the output folder" in r.stderr
+    for command in (["segment"], ["train", "--data", str(tmp_path)]):
+        r = _cli(*command, "--out", str(blocker / "out"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "cannot write to the output folder" in r.stderr
 
 
 def test_eval_on_a_dataset_with_a_broken_image_is_one_line(tmp_path):
