@@ -36,12 +36,14 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
         categories = {c + 1: bool(is_thing[c]) if is_thing is not None else True for c in range(num_labels)}
         evaluator = PanopticEvaluator(categories, void_id=0)
     elif task == "instance":
-        from m2f_jax.evaluation.instance import InstanceEvaluator
+        from m2f_jax.evaluation.instance import InstanceEvaluator, coco_instance_ground_truth
 
-        # every query's (query, class) pair with its full mask, no threshold, no overlap removal
+        # every query's (query, class) pair with its full mask, no threshold, no overlap removal;
+        # ground truth and predictions are kept as RLE until all images are seen
         options = {"threshold": 0.0, "return_masks": True}
-        examples = [dataset[i] for i in range(count)]  # the ground truth must be complete up front
-        evaluator = InstanceEvaluator(_coco_ground_truth(examples, num_labels))
+        categories = list(range(1, num_labels + 1))
+        ground_truth = {"images": [], "annotations": [], "categories": coco_instance_ground_truth([], categories)["categories"]}
+        predictions: Dict[int, list] = {}
     else:
         raise ValueError(f"task must be semantic, panoptic or instance, got {task!r}")
 
@@ -49,7 +51,7 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
 
     def images():
         for i in range(count):
-            example = examples[i] if task == "instance" else dataset[i]
+            example = dataset[i]
             pending[i] = example
             yield example["image"]
 
@@ -66,24 +68,27 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
             pred_info = [{"id": s["id"], "category_id": s["label_id"] + 1, "iscrowd": 0} for s in result["segments"]]
             evaluator.update(gt, gt_info, result["segmentation"], pred_info)
         else:
-            evaluator.update(i, [{"segmentation": rle, "score": s["score"], "category_id": s["label_id"] + 1}
-                                 for rle, s in zip(result["masks"], result["segments"])])
+            image = {"id": i, "masks": masks, "category_ids": np.asarray(classes) + 1,
+                     "height": masks.shape[1], "width": masks.shape[2]}
+            part = coco_instance_ground_truth([image], categories)
+            for annotation in part["annotations"]:
+                annotation["id"] = len(ground_truth["annotations"]) + 1
+                ground_truth["annotations"].append(annotation)
+            ground_truth["images"] += part["images"]
+            predictions[i] = [{"segmentation": rle, "score": s["score"], "category_id": s["label_id"] + 1}
+                              for rle, s in zip(result["masks"], result["segments"])]
         if progress:
             write_progress(done, count)
 
-    metrics = evaluator.compute()
     if task == "instance":
-        return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
+        evaluator = InstanceEvaluator(ground_truth)
+        for i in sorted(predictions):
+            evaluator.update(i, predictions.pop(i))
+        return {k: float(v) for k, v in evaluator.compute().items() if np.isscalar(v)}
+    metrics = evaluator.compute()
     if task == "semantic":
         return {k: float(metrics[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")}
     return {f"{name}_{k}": float(metrics[group][k])
             for group, name in (("All", "All"), ("Things", "Things"), ("Stuff", "Stuff"))
             for k in ("pq", "sq", "rq")}
 
-
-def _coco_ground_truth(examples, num_labels: int) -> dict:
-    from m2f_jax.evaluation.instance import coco_instance_ground_truth
-
-    images = [{"id": i, "masks": e["masks"], "category_ids": np.asarray(e["class_ids"]) + 1,
-               "height": e["masks"].shape[1], "width": e["masks"].shape[2]} for i, e in enumerate(examples)]
-    return coco_instance_ground_truth(images, list(range(1, num_labels + 1)))
