@@ -1,8 +1,9 @@
-"""m2f_jax.segment: images in, segmentations out, in one call.
+"""m2f_jax.segment: images in, segmentations out, in one call (``iter_segment``: as a stream).
 
-Images are processed with the model's own processor and batched only with images of the same
-processed size, so padding never changes any image's answer; each result is at its image's
-original size.
+Images are processed with the model's own processor and batched with images of the same
+processed size (by default: nothing is padded, every answer is transformers'), or of the same
+size bucket (``buckets=True``: each image padded to one of a few sizes, its result cropped to
+it); each result is at its image's original size. Batches are split over the local devices.
 """
 from __future__ import annotations
 
