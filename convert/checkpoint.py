@@ -70,14 +70,13 @@ def read_state_dict(folder: str) -> Dict[str, np.ndarray]:
     """The weights of an HF folder as numpy arrays: ``model.safetensors`` (read with numpy only,
     sharded or not), else ``pytorch_model.bin`` (needs torch). A file that cannot be read is a
     ValueError naming it."""
-    load_file = _read_safetensors
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a directory.")
     if os.path.isfile(os.path.join(folder, SAFETENSORS)):
-        return load_file(os.path.join(folder, SAFETENSORS))
+        return _read_safetensors(os.path.join(folder, SAFETENSORS))
     if os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
-        return _read_shards(folder, SAFETENSORS_INDEX, load_file)
+        return _read_shards(folder, SAFETENSORS_INDEX, _read_safetensors)
     if os.path.isfile(os.path.join(folder, TORCH_BIN)):
         return _read_torch(os.path.join(folder, TORCH_BIN))
     if os.path.isfile(os.path.join(folder, TORCH_BIN_INDEX)):

@@ -108,7 +108,7 @@ def _writable_folder(path: str) -> None:
 
 
 def cmd_segment(args) -> int:
-    from m2f_jax.inference import ImageError, iter_segment, load_image
+    from m2f_jax.inference import ImageError, iter_segment
     from m2f_jax.progress import Progress
     from m2f_jax.visualize import overlay
 
@@ -125,19 +125,15 @@ def cmd_segment(args) -> int:
     failures, written = len(input_errors), 0
     print(f"{'image':<28} {'segments':>8}  top segments (label score area)")
     for index, result in iter_segment(model, paths, task=args.task, batch_size=args.batch_size,
-                                      buckets=not args.exact_sizes, errors="yield", **thresholds):
+                                      buckets=not args.exact_sizes, errors="yield", return_images=True,
+                                      **thresholds):
         path = paths[index]
-        if not isinstance(result, ImageError):
-            try:
-                image = load_image(path)
-            except (FileNotFoundError, ValueError) as e:  # changed or removed since it was read
-                result = ImageError(index, path, f"{path}: {e}")
         if isinstance(result, ImageError):
             progress.update()
             progress.print(f"error: {result}", file=sys.stderr)
             failures += 1
             continue
-        overlay(_upscaled(image, args.min_overlay_size),
+        overlay(_upscaled(result.pop("image"), args.min_overlay_size),
                 {"segmentation": result["segmentation"], "segments_info": result["segments"]},
                 model.config.id2label).save(os.path.join(args.out, f"{stems[index]}_{args.task}.png"))
         with open(os.path.join(args.out, f"{stems[index]}_{args.task}.json"), "w") as f:

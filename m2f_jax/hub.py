@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,16 @@ class Mask2Former:
     is this class; the linen module is ``m2f_jax.modeling.mask2former.Mask2FormerForUniversalSegmentation``.
     """
 
-    _module_class_name = "Mask2FormerForUniversalSegmentation"
+    @staticmethod
+    def _make_module(config, dtype, variant, precision):
+        from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
+
+        return Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant, precision=precision)
+
+    @staticmethod
+    def _checkpoint_params(params):
+        """The part of a universal-segmentation checkpoint's params this model holds."""
+        return params
 
     def __init__(self, config: Mask2FormerConfig, params=None, dtype=jnp.float32, processor=None, path=None,
                  variant: Optional[str] = None, precision: Optional[str] = None, seed: int = 0):
@@ -42,9 +51,7 @@ class Mask2Former:
         # the variant of the device the jitted forward runs on (JAX's default device)
         variant = variants.resolve(variant, jax.devices()[0].platform)
         mask2former.matmul_precision(precision)  # a bad value fails here, not at the first call
-        self.module = getattr(mask2former, self._module_class_name)(
-            config, dtype=dtype, **({"variant": variant, "precision": precision}
-                                    if self._module_class_name == "Mask2FormerForUniversalSegmentation" else {}))
+        self.module = self._make_module(config, dtype, variant, precision)
         if params is None:
             params = self._random_params(seed)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -68,9 +75,7 @@ class Mask2Former:
             from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
 
             processor = Mask2FormerImageProcessor.from_pretrained(folder)
-        if cls._module_class_name == "Mask2FormerModel":
-            params = params["model"]  # the bare model of a universal checkpoint, as transformers
-        return cls(config, params, dtype=dtype, processor=processor, path=folder, variant=variant,
+        return cls(config, cls._checkpoint_params(params), dtype=dtype, processor=processor, path=folder, variant=variant,
                    precision=precision)
 
     def save_pretrained(self, save_directory: str) -> str:
@@ -79,9 +84,6 @@ class Mask2Former:
         one, preprocessor_config.json. Returns the folder."""
         from convert.folders import save_hf_folder
 
-        if self._module_class_name != "Mask2FormerForUniversalSegmentation":
-            raise NotImplementedError("save_pretrained writes universal-segmentation checkpoints; the bare "
-                                      "model has no class predictor to write.")
         os.makedirs(save_directory, exist_ok=True)
         save_hf_folder(jax.device_get(self.params), self.config, save_directory)
         if self.processor is not None:
@@ -125,11 +127,8 @@ class Mask2Former:
 
         check_pixel_values(pixel_values, self.config)  # before jit, for a readable error
         cfg = self.config
-        flags = (
-            bool(cfg.output_hidden_states if output_hidden_states is None else output_hidden_states),
-            bool(cfg.output_attentions if output_attentions is None else output_attentions),
-            bool(cfg.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits),
-        )
+        flags = _flags(cfg, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                       output_auxiliary_logits=output_auxiliary_logits)
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("the loss needs both mask_labels and class_labels (one was given).")
         if mask_labels is None:
@@ -188,6 +187,11 @@ class Mask2Former:
         )
 
 
+def _flags(config, **given) -> Tuple[bool, ...]:
+    """The output flags in the order given, each the argument or, when None, the config's."""
+    return tuple(bool(getattr(config, name) if value is None else value) for name, value in given.items())
+
+
 def _padded_targets(mask_labels, class_labels, batch_size: int, num_labels: int):
     """transformers' per-image label lists -> (B, M, H, W) float32 masks, (B, M) int32 classes and
     (B, M) valid flags, M the largest count rounded up to a power of two (few programs)."""
@@ -224,7 +228,15 @@ class Mask2FormerModel(Mask2Former):
     NHWC maps). ``from_pretrained`` takes a universal-segmentation checkpoint and keeps its
     ``model`` weights, as transformers does."""
 
-    _module_class_name = "Mask2FormerModel"
+    @staticmethod
+    def _make_module(config, dtype, variant, precision):
+        from m2f_jax.modeling.mask2former import Mask2FormerModel as BareModule
+
+        return BareModule(config, dtype=dtype)
+
+    @staticmethod
+    def _checkpoint_params(params):
+        return params["model"]  # the bare model of a universal checkpoint, as transformers
 
     @functools.cached_property
     def _forward(self):
@@ -241,15 +253,15 @@ class Mask2FormerModel(Mask2Former):
         from m2f_jax.modeling.mask2former import check_pixel_values
 
         check_pixel_values(pixel_values, self.config)
-        cfg = self.config
-        return self._forward(
-            self.params, jnp.asarray(pixel_values),
-            bool(cfg.output_hidden_states if output_hidden_states is None else output_hidden_states),
-            bool(cfg.output_attentions if output_attentions is None else output_attentions),
-        )
+        flags = _flags(self.config, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        return self._forward(self.params, jnp.asarray(pixel_values), *flags)
 
     def sharded_call(self, pixel_values, mesh):
         raise NotImplementedError("sharded_call is for the universal-segmentation model.")
+
+    def save_pretrained(self, save_directory: str) -> str:
+        raise NotImplementedError("save_pretrained writes universal-segmentation checkpoints; the bare "
+                                  "model has no class predictor to write.")
 
 
 # transformers' names: the universal-segmentation model is the class ``load`` returns

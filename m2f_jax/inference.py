@@ -92,11 +92,11 @@ def bucket_sizes(processor, steps: int = 3) -> List[Tuple[int, int]]:
     ``max_height/max_width`` and ``height/width`` give one bucket. A processor that does not resize
     (``do_resize=False``) has no bounded sizes: ValueError.
     """
-    from m2f_jax.processing.image_processor import resolve_size
+    from m2f_jax.processing.image_processor import resolve_pad_size, resolve_size
 
     settings = processor.settings()
     if settings.get("pad_size"):
-        return [tuple(int(v) for v in _pad_size_pair(settings["pad_size"]))]
+        return [tuple(int(v) for v in resolve_pad_size(settings["pad_size"]))]
     if not settings["do_resize"]:
         raise ValueError("size buckets need a processor that resizes (do_resize=True): without resizing "
                          "the processed sizes are the images' own, which no fixed set of buckets bounds.")
@@ -111,12 +111,6 @@ def bucket_sizes(processor, steps: int = 3) -> List[Tuple[int, int]]:
         return sorted({(short, g) for g in sides} | {(g, short) for g in sides}, key=lambda s: (s[0] * s[1], s))
     height, width = (size["max_height"], size["max_width"]) if "max_height" in size else (size["height"], size["width"])
     return [(_round_up(height, multiple), _round_up(width, multiple))]
-
-
-def _pad_size_pair(pad_size):
-    from m2f_jax.processing.image_processor import resolve_pad_size
-
-    return resolve_pad_size(pad_size)
 
 
 def _bucket_of(shape: Tuple[int, int], buckets: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
@@ -201,6 +195,7 @@ def iter_segment(
     devices=None,
     errors: str = "raise",
     return_masks: bool = False,
+    return_images: bool = False,
 ) -> Iterator[Tuple[int, Any]]:
     """``segment`` as a stream: yields ``(index, result)`` as each batch finishes (not in input
     order), reading ``images`` (any iterable) a few items ahead. Arguments as ``segment``, and
@@ -256,6 +251,9 @@ def iter_segment(
         if any(pixels.shape[:2] != tuple(size) for _, _, pixels in group):
             geometry.update(valid_sizes=[pixels.shape[:2] for _, _, pixels in group], padded_size=size)
         results = _post_process(pp, task, logits, geometry, *options)
+        if return_images:
+            for (_, array, _), result in zip(group, results):
+                result["image"] = array
         return [(index, _with_names(result, id2label)) for (index, _, _), result in zip(group, results)]
 
     groups: Dict[tuple, list] = defaultdict(list)
@@ -302,6 +300,8 @@ def segment(model, images, task: str = "panoptic", **options) -> List[Dict[str, 
         platform); the parameters are replicated on them.
       return_masks: instance only: each result also has ``masks``, one pycocotools RLE dict per
         segment (its full mask, overlaps kept; COCO's format).
+      return_images: each result also has ``image``, the (H, W, 3) RGB array that was segmented
+        (as read: EXIF-upright, 8-bit), e.g. to draw the result on.
     Returns:
       One dict per image, in input order: ``segmentation`` (H, W) int32 map at the image's
       original size (panoptic: segment ids, 0 = no segment; instance: ids, -1 = background;

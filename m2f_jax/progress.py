@@ -6,10 +6,14 @@ import time
 from typing import Optional
 
 
+def _bar(done: int, total: int) -> str:
+    filled = int(24 * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (24 - filled)}] {done}/{total}"
+
+
 def write_progress(done: int, total: int, suffix: str = "") -> None:
     """A one-line text progress bar on stderr, rewritten in place; ends the line when done."""
-    filled = int(24 * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {done}/{total}{suffix}")
+    sys.stderr.write(f"\r{_bar(done, total)}{suffix}")
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
@@ -26,8 +30,7 @@ class Progress:
 
     def _line(self) -> str:
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        filled = int(24 * self.done / max(self.total, 1))
-        return f"[{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total} {rate:.2f} {self.unit}/s"
+        return f"{_bar(self.done, self.total)} {rate:.2f} {self.unit}/s"
 
     def update(self, n: int = 1) -> None:
         self.done += n
