@@ -173,6 +173,7 @@ def cmd_eval(args) -> int:
 def cmd_train(args) -> int:
     from m2f_jax.data.datasets import DataError
     from m2f_jax.training.checkpoint import DamagedCheckpointError
+    from m2f_jax.training.distributed import DistributedError
     from m2f_jax.training.run import TrainArgs, train
 
     fields = {f for f in TrainArgs.__dataclass_fields__}
@@ -180,7 +181,7 @@ def cmd_train(args) -> int:
     _writable_folder(targs.out)
     try:
         summary = train(targs)
-    except (FileNotFoundError, DamagedCheckpointError, DataError) as e:
+    except (FileNotFoundError, DamagedCheckpointError, DataError, DistributedError) as e:
         raise UserError(str(e)) from e
     print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export", "stopped")}))
     if summary["stopped"] is not None:  # the shell's status for a process ended by that signal
@@ -266,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=0.01, help="full-model gradient clipping (paper: 0.01)")
     p.add_argument("--backbone-multiplier", type=float, default=0.1, help="backbone learning-rate factor")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    group = p.add_argument_group("several hosts (one process per host; --batch-size is the global batch)")
+    group.add_argument("--distributed", action="store_true",
+                       help="start jax.distributed from the cluster environment (automatic on a Cloud TPU slice "
+                            "and under SLURM or Open MPI with several tasks)")
+    group.add_argument("--coordinator-address", help="host:port of process 0 (with --num-processes, --process-id)")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+    group.add_argument("--distributed-timeout", type=int, default=300,
+                       help="seconds to wait for every process to join (default 300)")
     p.set_defaults(func=cmd_train)
 
     p = add_parser("convert", help="convert a checkpoint folder HF <-> Flax")

@@ -36,25 +36,8 @@ from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation  # 
 from m2f_jax.training import train_step as ts  # noqa: E402
 from m2f_jax.training.criterion import LossConfig  # noqa: E402
 from m2f_jax.training.optimizer import make_optimizer  # noqa: E402
+from tests._fast_compile import FAST_CPU_COMPILE  # noqa: E402
 from tests.hf_models import hf_config  # noqa: E402
-
-
-
-def _accepted(options: dict) -> dict:
-    """The options this jaxlib's XLA:CPU knows (newer ones dropped the elemental emitters)."""
-    known = {}
-    for name, value in options.items():
-        try:
-            jax.jit(lambda x: x + 1).lower(np.zeros(2, np.float32)).compile(compiler_options={name: value})
-        except jax.errors.JaxRuntimeError:
-            continue
-        known[name] = value
-    return known
-
-
-# Test-only XLA options: LLVM -O0 and XLA's elemental emitters instead of the fusion emitters
-# compile this step ~3x faster on CPU (same HLO, same semantics). Both processes use them.
-FAST_CPU_COMPILE = _accepted({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False})
 
 # A smaller sibling of tests.hf_models.TINY (one pixel-decoder layer), with every source of
 # randomness on: config.dropout is also the decoder LayerDrop probability.

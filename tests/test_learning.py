@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
         rc = cli.main([
             "train", "--data", data, "--format", "semantic", "--init", "tiny", "--steps", str(STEPS),
             "--batch-size", "8", "--crop", "64", "--lr", "3e-4", "--min-scale", "0.8", "--max-scale", "1.25",
-            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "1",
+            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "0",
             "--save-every", "60", "--val-first", "--out", out,
         ])
     assert rc == 0
@@ -128,7 +128,7 @@ def test_sigterm_saves_the_completed_step_and_exits_with_its_status(trained, tmp
     out = str(tmp_path / "run")
     argv = ["train", "--data", trained["data"], "--format", "semantic", "--init", "tiny", "--steps", str(STEPS),
             "--batch-size", "8", "--crop", "64", "--lr", "3e-4", "--min-scale", "0.8", "--max-scale", "1.25",
-            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "1",
+            "--clip-norm", "1.0", "--backbone-multiplier", "1.0", "--num-points", "256", "--num-workers", "0",
             "--save-every", "100", "--out", out]
     note = run.nonfinite_note
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
-from tests._multidevice_check import FAST_CPU_COMPILE
+from tests._fast_compile import FAST_CPU_COMPILE
 from tests.hf_models import TINY, hf_config
 
 

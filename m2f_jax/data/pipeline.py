@@ -1,12 +1,14 @@
-"""Batches with static shapes from an indexable dataset: sharding, background prefetch, and a
-resumable position.
+"""Batches with static shapes from an indexable dataset, on grain: the global order, this
+process's share of each global batch, worker processes, and a resumable position.
 
-Each batch is a dict of NumPy arrays (B = ``batch_size`` per process, M = ``max_masks``,
-(H, W) = the transform's output size)::
+Each batch is a dict of NumPy arrays (B = this process's share of the global ``batch_size``,
+M = ``max_masks``, (H, W) = the transform's output size)::
 
     pixel_values   (B, H, W, 3) float32   NHWC, normalised, 0 in the padding
     pixel_mask     (B, H, W)    int32     1 = image, 0 = padding
-    mask_labels    (B, M, H, W) float32   target masks, zeros in unused slots
+    mask_labels    (B, M, H, W) uint8     target masks (0/1), zeros in unused slots; the loss
+                                          takes them as they are (a quarter of float32's bytes
+                                          from the workers and to the devices)
     class_labels   (B, M)       int32     contiguous class ids, 0 in unused slots
     label_valid    (B, M)       bool      which slots hold a target
     example_index  (B,)         int64     dataset index, -1 for a padding example
@@ -15,41 +17,50 @@ Each batch is a dict of NumPy arrays (B = ``batch_size`` per process, M = ``max_
 An example with more than M masks keeps its first M (dataset order) and drops the rest; a
 warning is given once.
 
-Order: epoch e visits ``permutation(seed, e)`` of the dataset (the identity with
-``shuffle=False``). Process p of P takes positions p, p + P, p + 2P, ... of it, so the shards are
-disjoint and every process gets the same number of batches (SPMD needs lockstep):
-``drop_remainder=True`` keeps ``len // P`` examples per process and full batches only;
-``drop_remainder=False`` covers every example, filling the last batch (and the shards of
-processes that come out short) with padding examples.
+**Global order, whatever the number of processes.** Epoch e visits ``permutation(seed, e)`` of
+the dataset (the identity with ``shuffle=False``), cut into global batches of ``batch_size``;
+process p of P takes rows ``[p B, (p + 1) B)`` of each (B = batch_size / P), so the processes'
+batches laid end to end (``jax.make_array_from_process_local_data`` over a mesh whose devices are
+in process order) are the global batch one process would see, and every process gets the same
+number of batches (SPMD needs lockstep). ``drop_remainder=True`` keeps full global batches only;
+``drop_remainder=False`` covers every example, filling the last global batch with padding
+examples. (grain's stock ``IndexSampler`` shards the records before it shuffles and seeds each
+record's randomness by its position in the shard, so its global batches change with the process
+count; this order does not.)
 
-Randomness of example i in epoch e comes from ``default_rng([seed, 1, e, i])``, so batches do not
-depend on ``num_workers`` or thread timing. ``state()`` is the position of the next batch to be
-returned; ``restore(state)`` (or ``state=`` in the constructor) resumes there exactly.
+Randomness of example i in epoch e comes from ``default_rng([seed, 1, e, i])`` (its dataset
+index), so batches depend neither on the process count nor on ``num_workers``.
+
+**grain.** The pipeline is a ``grain.MapDataset``: this process's (epoch, dataset index) positions
+as the source, the dataset read and the transform as one map step, the collation as the batch
+step; ``num_workers`` > 0 runs the map step in that many worker processes (``mp_prefetch``; they
+return examples in order, this process collates them), 0 runs it in the caller's thread. The
+iterator is a
+``grain.DatasetIterator`` whose state is the position of the next batch, ``{"epoch", "batch"}``
+plus the settings the order depends on: JSON, independent of the worker count (resume with other
+``num_workers`` and get the same batches), and saved in an Orbax checkpoint by grain's own
+handler (``grain.checkpoint.CheckpointSave(iterator)``, one file per process).
+Dataset and transform must be picklable when ``num_workers`` > 0 (worker processes are spawned).
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import math
-import queue
-import threading
+import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
+import grain
 import numpy as np
 
-_END = object()
-_STATE_KEYS = ("seed", "num_examples", "batch_size", "process_count", "shuffle", "drop_remainder")
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
+# what the global order depends on (not the process count: any count sees the same global batches)
+_STATE_KEYS = ("seed", "num_examples", "batch_size", "shuffle", "drop_remainder")
+_ENDLESS_EPOCHS = 2 ** 31  # num_epochs=None: a source this long is never exhausted
+_NO_SHARED_MEMORY = 2 ** 62  # grain's min_shm_size: no array is that large
 
 
 class _Schedule:
-    """What to produce: the order, the shards and the per-example work. Holds no threads, so the
-    producer thread refers to this and not to the iterator (which can then be collected)."""
+    """What to produce: the global order, this process's rows and the per-example work. Picklable
+    (it travels to grain's worker processes)."""
 
     def __init__(self, dataset, batch_size, transform, max_masks, seed, shuffle, drop_remainder,
                  process_index, process_count, num_epochs):
@@ -58,47 +69,64 @@ class _Schedule:
         self.shuffle, self.drop_remainder = shuffle, drop_remainder
         self.process_index, self.process_count, self.num_epochs = process_index, process_count, num_epochs
         self.num_examples = len(dataset)
+        if batch_size % process_count:
+            raise ValueError(f"the global batch size {batch_size} does not divide over {process_count} "
+                             "processes; use a multiple of the process count.")
+        self.local_batch_size = batch_size // process_count
         if drop_remainder:
-            self.examples_per_process = self.num_examples // process_count
-            self.batches_per_epoch = self.examples_per_process // batch_size
+            self.batches_per_epoch = self.num_examples // batch_size
         else:
-            self.examples_per_process = math.ceil(self.num_examples / process_count)
-            self.batches_per_epoch = math.ceil(self.examples_per_process / batch_size)
+            self.batches_per_epoch = math.ceil(self.num_examples / batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"a dataset of {self.num_examples} examples gives no batch of {batch_size} "
-                             f"per process on {process_count} processes with drop_remainder=True.")
+            raise ValueError(f"a dataset of {self.num_examples} examples gives no global batch of "
+                             f"{batch_size} with drop_remainder=True.")
         self.warned_truncation = False
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This process's dataset indices for ``epoch`` in order, -1 for padding examples."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_examples)
         else:
             order = np.arange(self.num_examples)
-        shard = order[self.process_index::self.process_count][:self.examples_per_process]
         total = self.batches_per_epoch * self.batch_size
-        return np.concatenate([shard, -np.ones(max(total - len(shard), 0), np.int64)])[:total]
+        order = np.concatenate([order, -np.ones(max(total - len(order), 0), np.int64)])[:total]
+        rows = order.reshape(self.batches_per_epoch, self.process_count, self.local_batch_size)
+        return rows[:, self.process_index].reshape(-1)
 
-    def positions(self, epoch: int, batch: int) -> Iterator[tuple]:
-        """(epoch, batch, dataset indices) from the given position on."""
-        while self.num_epochs is None or epoch < self.num_epochs:
-            indices = self.epoch_indices(epoch)
-            for b in range(batch, self.batches_per_epoch):
-                yield epoch, b, indices[b * self.batch_size:(b + 1) * self.batch_size]
-            epoch, batch = epoch + 1, 0
+    def __len__(self) -> int:  # grain's source: this process's (epoch, index) positions
+        epochs = _ENDLESS_EPOCHS if self.num_epochs is None else self.num_epochs
+        return epochs * self.batches_per_epoch * self.local_batch_size
 
-    def example(self, epoch: int, index: int) -> Optional[Dict[str, np.ndarray]]:
+    def __getitem__(self, position: int) -> Tuple[int, int]:
+        per_epoch = self.batches_per_epoch * self.local_batch_size
+        epoch, offset = divmod(int(position), per_epoch)
+        return epoch, int(self._indices(epoch)[offset])
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        cached = self.__dict__.get("_cached")
+        if cached is None or cached[0] != epoch:
+            cached = self._cached = (epoch, self.epoch_indices(epoch))
+        return cached[1]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_cached"}
+
+    def example(self, position: Tuple[int, int]) -> Tuple[int, Optional[Dict[str, np.ndarray]]]:
+        epoch, index = position
         if index < 0:
-            return None
-        rng = np.random.default_rng([self.seed, 1, epoch, int(index)])
-        return self.transform(self.dataset[int(index)], rng)
+            return index, None
+        rng = np.random.default_rng([self.seed, 1, epoch, index])
+        return index, self.transform(self.dataset[index], rng)
 
-    def collate(self, indices: np.ndarray, examples: List[Optional[dict]]) -> Dict[str, np.ndarray]:
+    def collate(self, items: List[Tuple[int, Optional[dict]]]) -> Dict[str, np.ndarray]:
+        indices = [index for index, _ in items]
+        examples = [example for _, example in items]
         reference = next(e for e in examples if e is not None)
         height, width = reference["pixel_mask"].shape
         size, slots = len(examples), self.max_masks
         batch = {"pixel_values": np.zeros((size, height, width, 3), np.float32),
                  "pixel_mask": np.zeros((size, height, width), np.int32),
-                 "mask_labels": np.zeros((size, slots, height, width), np.float32),
+                 "mask_labels": np.zeros((size, slots, height, width), np.uint8),
                  "class_labels": np.zeros((size, slots), np.int32),
                  "label_valid": np.zeros((size, slots), bool),
                  "example_index": np.asarray(indices, np.int64),
@@ -121,84 +149,54 @@ class _Schedule:
             batch["label_valid"][i, :count] = True
         return batch
 
-    def batch_at(self, epoch: int, batch: int) -> Dict[str, np.ndarray]:
-        """The batch at one position, computed in the caller's thread."""
-        epoch, batch, indices = next(self.positions(epoch, batch))
-        return self.collate(indices, [self.example(epoch, i) for i in indices])
+
+def _absl_flags_parsed() -> None:
+    """grain reads an absl flag in its prefetch threads; a program that does not run absl.app
+    (ours, pytest, a notebook) has not parsed flags, which grain reports as an error. Mark them
+    parsed (their defaults) when nobody has."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
-def _produce(schedule: _Schedule, epoch: int, batch: int, num_workers: int, prefetch: int,
-             stop: threading.Event, out: queue.Queue) -> None:
-    """Producer thread: keeps ``prefetch`` batches of example jobs in a pool of ``num_workers``
-    threads, collates finished batches in order and queues them as (epoch, batch, arrays)."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="m2f-data")
-    pending: collections.deque = collections.deque()
-    try:
-        positions = schedule.positions(epoch, batch)
-        while not stop.is_set():
-            while len(pending) < prefetch:
-                position = next(positions, None)
-                if position is None:
-                    break
-                e, b, indices = position
-                pending.append((e, b, indices, [pool.submit(schedule.example, e, i) for i in indices]))
-            if not pending:
-                put(_END)
-                return
-            e, b, indices, futures = pending.popleft()
-            if not put((e, b, schedule.collate(indices, [f.result() for f in futures]))):
-                return
-    except BaseException as error:  # handed to the consumer, raised by next()
-        put(_Failure(error))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-class BatchIterator:
+class BatchIterator(grain.DatasetIterator):
     """Iterates over static-shape batches; see the module docstring.
 
     Args:
       dataset: ``len`` + ``__getitem__`` giving ``image``, ``masks``, ``class_ids``.
+      batch_size: the global batch (all processes together); each process gets
+        ``batch_size // process_count`` rows (it must divide).
       transform: ``transform(example, rng) -> {"pixel_values", "pixel_mask", "masks",
         "class_ids"}`` with a fixed output size (``augment.TrainTransform`` / ``EvalTransform``).
-      process_index, process_count: this process's shard (``jax.process_index()``,
-        ``jax.process_count()``); ``batch_size`` is per process.
-      num_workers: threads loading and transforming examples (0: everything in the caller's
-        thread, no prefetch). prefetch: batches prepared ahead of the one being consumed.
+      process_index, process_count: this process's share (``jax.process_index()``,
+        ``jax.process_count()``).
+      num_workers: grain worker processes (0: everything in the caller's thread, no prefetch).
+      prefetch: batches each worker prepares ahead.
       num_epochs: None iterates forever.
-      state: a ``state()`` dict to resume from.
+      state: a ``get_state()`` dict to resume from.
 
-    Background threads start at the first ``next()``; ``close()`` (or a ``with`` block, or
-    dropping the iterator) stops them.
+    Workers start at the first ``next()``; ``close()`` (or a ``with`` block) stops them.
     """
 
     def __init__(self, dataset, batch_size: int, transform: Callable, max_masks: int, seed: int = 0,
                  shuffle: bool = True, drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, num_workers: int = 2, prefetch: int = 2,
                  num_epochs: Optional[int] = None, state: Optional[dict] = None):
+        super().__init__()
         if batch_size < 1 or max_masks < 1:
             raise ValueError(f"batch_size and max_masks must be >= 1, got {batch_size}, {max_masks}.")
         if not 0 <= process_index < process_count:
             raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}.")
         if num_workers < 0 or prefetch < 1:
             raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {num_workers}, {prefetch}.")
-        self._thread: Optional[threading.Thread] = None
         self._schedule = _Schedule(dataset, batch_size, transform, max_masks, seed, shuffle, drop_remainder,
                                    process_index, process_count, num_epochs)
         self.num_workers, self.prefetch = num_workers, prefetch
         self._epoch, self._batch = 0, 0
+        self._iterator = None
         if state is not None:
-            self.restore(state)
+            self.set_state(state)
 
     def __getattr__(self, name):  # the settings: batch_size, seed, batches_per_epoch, ...
         if name.startswith("_"):
@@ -207,12 +205,12 @@ class BatchIterator:
 
     # ---- position ------------------------------------------------------------------------
 
-    def state(self) -> dict:
+    def get_state(self) -> dict:
         """JSON-able position of the next batch ``next()`` returns (plus settings it depends on)."""
         return {"epoch": self._epoch, "batch": self._batch,
                 **{key: getattr(self._schedule, key) for key in _STATE_KEYS}}
 
-    def restore(self, state: dict) -> None:
+    def set_state(self, state: dict) -> None:
         """Moves to ``state``'s position; the next batch is the one that followed it."""
         for key in _STATE_KEYS:
             if key in state and state[key] != getattr(self._schedule, key):
@@ -222,59 +220,57 @@ class BatchIterator:
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
             raise ValueError(f"invalid position epoch={epoch}, batch={batch} "
                              f"({self.batches_per_epoch} batches per epoch).")
-        self._stop_workers()
+        self.close()
         self._epoch, self._batch = epoch, batch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This process's dataset indices for ``epoch`` in order, -1 for padding examples."""
         return self._schedule.epoch_indices(epoch)
 
-    # ---- threads -------------------------------------------------------------------------
+    # ---- grain ---------------------------------------------------------------------------
 
-    def _start_workers(self) -> None:
-        self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        args = (self._schedule, self._epoch, self._batch, self.num_workers, self.prefetch,
-                self._stop, self._queue)
-        self._thread = threading.Thread(target=_produce, args=args, name="m2f-data-producer", daemon=True)
-        self._thread.start()
-
-    def _stop_workers(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+    def _pipeline(self) -> grain.IterDataset:
+        schedule = self._schedule
+        start = (self._epoch * schedule.batches_per_epoch + self._batch) * schedule.local_batch_size
+        examples = grain.MapDataset.source(schedule)[start:].map(schedule.example)
+        if self.num_workers == 0:
+            examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        else:
+            # Workers send examples (their masks unpadded) and this process collates: padding M
+            # slots in the workers would send ~4x the bytes through shared memory.
+            _absl_flags_parsed()
+            examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+            # Through the worker queues, not shared memory: grain leaves the shared memory of
+            # examples in flight behind when the iterator stops early (an error), and Python warns
+            # at exit about each one.
+            examples = grain.experimental.WithOptionsIterDataset(
+                examples, grain.experimental.DatasetOptions(min_shm_size=_NO_SHARED_MEMORY)).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                             per_worker_buffer_size=self.prefetch * schedule.local_batch_size))
+        return examples.batch(schedule.local_batch_size, batch_fn=schedule.collate)
 
     # ---- iteration -----------------------------------------------------------------------
-
-    def __iter__(self) -> "BatchIterator":
-        return self
 
     def __next__(self) -> Dict[str, np.ndarray]:
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             raise StopIteration
-        if self.num_workers == 0:
-            arrays = self._schedule.batch_at(self._epoch, self._batch)
-        else:
-            if self._thread is None:
-                self._start_workers()
-            item = self._queue.get()
-            if item is _END:
-                self._stop_workers()
-                raise StopIteration
-            if isinstance(item, _Failure):
-                self._stop_workers()
-                raise item.error
-            epoch, batch, arrays = item
-            assert (epoch, batch) == (self._epoch, self._batch), "producer out of step"
+        if self._iterator is None:
+            self._iterator = iter(self._pipeline())
+        try:
+            arrays = next(self._iterator)
+        except BaseException:
+            self.close()
+            raise
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
         return arrays
 
     def close(self) -> None:
-        """Stops the background threads (a later ``next()`` restarts them)."""
-        self._stop_workers()
+        """Stops the worker processes (a later ``next()`` starts them again at the position)."""
+        iterator, self._iterator = self.__dict__.get("_iterator"), None
+        if iterator is not None:
+            iterator.close()
 
     def __enter__(self) -> "BatchIterator":
         return self
@@ -283,6 +279,4 @@ class BatchIterator:
         self.close()
 
     def __del__(self) -> None:
-        thread = self.__dict__.get("_thread")
-        if thread is not None:
-            self._stop.set()  # the producer notices within 50 ms; no join in a finalizer
+        self.close()

@@ -64,6 +64,12 @@ class TrainArgs:
     val_first: bool = False  # also validate the initial weights (a baseline in the log and summary)
     num_points: Optional[int] = None  # points per mask for the loss; default: config.train_num_points
     progress: bool = True
+    # several processes (jax.distributed); batch_size is the global batch
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    distributed: bool = False  # jax.distributed.initialize() from the cluster environment (TPU, SLURM)
+    distributed_timeout: int = 300  # seconds to wait for every process to join
 
 
 def open_dataset(root: str, fmt: str, split: str):
@@ -201,9 +207,15 @@ class StopSignals:
 
 
 def train(args: TrainArgs) -> Dict[str, Any]:
-    """Runs training; returns a summary (final metrics, validation, paths)."""
+    """Runs training; returns a summary (final metrics, validation, paths). With several processes
+    (``jax.distributed``: the coordinator arguments, ``distributed=True`` or a detected cluster)
+    every process runs this; process 0 logs, validates and exports."""
     import jax
 
+    from m2f_jax.training import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           auto=args.distributed, timeout_s=args.distributed_timeout)
     from convert.folders import save_hf_folder
     from m2f_jax.data.augment import TrainTransform
     from m2f_jax.data.datasets import DataError
@@ -212,8 +224,9 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
     from m2f_jax.training.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
-    from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_train_step, train_compiler_options
+    from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_sharded_train_step
 
+    primary = jax.process_index() == 0
     train_set = open_dataset(args.data, args.format, "train")
     val_set = open_dataset(args.data, args.format, "val")
     id2label = {int(k): v for k, v in train_set.id2label.items()}
@@ -223,96 +236,126 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         from m2f_jax.config import Mask2FormerConfig
 
         config = Mask2FormerConfig.from_dict(dict(config.to_dict(), train_num_points=int(args.num_points)))
+    mesh = distributed.global_mesh()
+    distributed.local_batch_size(args.batch_size, mesh)  # a clear error when it does not divide
     optimizer = make_optimizer(
         params, learning_rate=args.lr, weight_decay=args.weight_decay, backbone_multiplier=args.backbone_multiplier,
         clip_norm=args.clip_norm, total_steps=args.steps, warmup_steps=args.warmup_steps,
     )
-    state = TrainState.create(params, optimizer.tx, args.seed)
-    step_fn = jax.jit(make_train_step(module, LossConfig.from_config(config), optimizer), donate_argnums=0,
-                      compiler_options=train_compiler_options())
+    state = distributed.replicate(TrainState.create(params, optimizer.tx, args.seed), mesh)
+    step_fn = make_sharded_train_step(module, LossConfig.from_config(config), optimizer, mesh)
     forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
 
     os.makedirs(args.out, exist_ok=True)
     manager = CheckpointManager(os.path.join(args.out, "checkpoints"), save_every=args.save_every, keep=args.keep)
-    data_state = None
-    if args.resume:
-        restored = manager.restore_latest(abstract_state(state))
-        if restored is not None:
-            state, extra = restored
-            data_state = extra.get("data")
-            print(f"resumed from step {int(state.step)}", file=sys.stderr)
     transform = TrainTransform(crop_size=args.crop, min_scale=args.min_scale, max_scale=args.max_scale)
     batches = BatchIterator(
         train_set, args.batch_size, transform, max_masks=args.max_masks, seed=args.seed,
         num_workers=args.num_workers, process_index=jax.process_index(), process_count=jax.process_count(),
-        state=data_state,
     )
+    if args.resume:
+        restored = manager.restore_latest(abstract_state(state), data=batches)
+        if restored is not None:
+            state, extra = restored
+            if extra.get("data") is not None and batches.get_state() != extra["data"]:
+                batches.set_state(extra["data"])  # no iterator file for this process count: the global position
+            if primary:
+                print(f"resumed from step {int(distributed.local_copy(state.step))}", file=sys.stderr)
+    run_settings = {k: v for k, v in dataclasses.asdict(args).items()
+                    if k not in ("process_id", "progress", "num_workers", "distributed_timeout")}
+    distributed.barrier("start", args.distributed_timeout)
+    distributed.check_agreement({
+        "arguments": run_settings, "config": config.to_dict(), "step": int(distributed.local_copy(state.step)),
+        "dataset": [len(train_set), len(val_set), sorted(id2label.items())],
+    })
     log_path = os.path.join(args.out, "metrics.jsonl")
     val_size = args.val_size or args.crop
     val_every = args.val_every or args.steps
     last, val_metrics, val_initial = {}, {}, None
     nonfinite_steps = 0  # steps with a non-finite loss or gradient norm
     stop = StopSignals()
-    with open(log_path, "a") as log, batches, stop:
-        if args.val_first and int(state.step) == 0:
-            val_initial = validate(forward, state.params, val_set, val_size, config.num_labels)
+
+    def save(step, position, force):
+        return manager.save(step, state, {"data": position, "config": config.to_dict()}, data=position, force=force)
+
+    def validation(params):
+        return validate(forward, distributed.local_copy(params), val_set, val_size, config.num_labels)
+
+    step = int(distributed.local_copy(state.step))
+    flags = {"stop": [], "data_error": []}
+    compiled = None
+    with (open(log_path, "a") if primary else open(os.devnull, "w")) as log, batches, stop:
+        if args.val_first and step == 0 and primary:
+            val_initial = validation(state.params)
             log.write(json.dumps({"step": 0, **{f"val_{k}": v for k, v in val_initial.items()}}) + "\n")
         t_last = time.perf_counter()
-        start_step = int(state.step)
-        while int(state.step) < args.steps and stop.received is None:
-            position = batches.state()
+        start_step = step
+        while step < args.steps:
+            position = batches.get_state()
             try:
-                batch = next(batches)
-            except DataError as error:  # a bad dataset file: keep the completed steps, then stop
-                step = int(state.step)
+                local, error = next(batches), None
+            except DataError as e:
+                local, error = None, e
+            # every process stops at the same step: a stop signal or a bad file on any of them
+            flags = distributed.any_process({"stop": stop.received is not None, "data_error": error is not None})
+            if flags["stop"] or flags["data_error"]:
                 if step > start_step and manager.latest_step() != step:
-                    manager.save(step, state, {"data": position, "config": config.to_dict()}, force=True)
-                manager.wait_until_finished()
-                if args.progress:
-                    sys.stderr.write("\n")  # the error line starts below the progress bar
-                kept = (f"step {step} is saved; fix or remove the file, then --resume"
-                        if manager.latest_step() == step else "no step of this run completed")
-                raise DataError(f"{error} ({kept})") from error
-            batch = {k: batch[k] for k in BATCH_KEYS}
-            state, metrics = step_fn(state, batch)
-            step = int(state.step)
-            last = {k: float(v) for k, v in metrics.items()}
+                    save(step, position, force=True)
+                break
+            batch = distributed.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+            if compiled is None:  # every process compiled (or received) the step before its first run
+                compiled = step_fn.lower(state, batch).compile()
+                distributed.barrier("compiled", args.distributed_timeout)
+            state, metrics = compiled(state, batch)
+            step = int(distributed.local_copy(state.step))
+            last = {k: float(v) for k, v in distributed.local_copy(metrics).items()}
             note = nonfinite_note(step, last)
             if note is not None:
                 nonfinite_steps += 1
-                if nonfinite_steps == 1:  # once; the JSONL log has every step's values
+                if nonfinite_steps == 1 and primary:  # once; the JSONL log has every step's values
                     print(("\n" if args.progress else "") + "warning: " + note, file=sys.stderr)
             now = time.perf_counter()
             images_per_s = args.batch_size / max(now - t_last, 1e-9)
             t_last = now
             record = {"step": step, **last, "images_per_s": images_per_s}
             if step % val_every == 0 or step == args.steps:
-                val_metrics = validate(forward, state.params, val_set, val_size, config.num_labels)
-                record.update({f"val_{k}": v for k, v in val_metrics.items()})
+                if primary:
+                    val_metrics = validation(state.params)
+                    record.update({f"val_{k}": v for k, v in val_metrics.items()})
+                distributed.barrier("validated", args.distributed_timeout)  # the others wait here
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if args.progress:
+            if args.progress and primary:
                 write_progress(step, args.steps, f" loss {last['loss']:.3f} lr {last['learning_rate']:.2e} "
                                                  f"{images_per_s:.1f} img/s")
-            due = step % args.save_every == 0 or step == args.steps
-            if due or stop.received is not None:  # a stop signal: save the step just completed
-                manager.save(step, state, {"data": batches.state(), "config": config.to_dict()},
-                             force=step == args.steps or not due)
+            if step % args.save_every == 0 or step == args.steps:
+                save(step, batches.get_state(), force=step == args.steps)
     manager.wait_until_finished()
     saved_step = manager.latest_step()
     manager.close()
-    if stop.received is not None:
-        step = int(state.step)
+    if step < args.steps and flags["data_error"]:  # a bad dataset file: the completed steps are kept
+        if args.progress and primary:
+            sys.stderr.write("\n")  # the error line starts below the progress bar
+        kept = (f"step {step} is saved; fix or remove the file, then --resume"
+                if saved_step == step and step > start_step else "no step of this run completed")
+        if error is not None:
+            raise DataError(f"{error} ({kept})") from error
+        raise DataError(f"process(es) {', '.join(map(str, flags['data_error']))} could not read a dataset "
+                        f"file (see their error) ({kept})")
+    if step < args.steps:  # a stop signal
+        received = stop.received or "SIGTERM"  # another process's signal
         where = (f"saved in {manager.directory}; --resume continues from it" if saved_step == step
                  else "before any step of this run: nothing new to save")
-        print(f"\n{stop.received}: stopped after step {step}, {where}.", file=sys.stderr)
+        if primary:
+            print(f"\n{received}: stopped after step {step}, {where}.", file=sys.stderr)
         return {"step": step, "train": last, "val": val_metrics, "val_initial": val_initial, "export": None,
-                "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": stop.received}
+                "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": received}
 
-    export = os.path.join(args.out, "hf")
-    save_hf_folder(jax.tree_util.tree_map(np.asarray, state.params), config, export)
-    Mask2FormerImageProcessor(
-        size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
-    ).save_pretrained(export)
-    return {"step": int(state.step), "train": last, "val": val_metrics, "val_initial": val_initial,
+    export = os.path.join(args.out, "hf") if primary else None
+    if primary:
+        save_hf_folder(jax.tree_util.tree_map(np.asarray, distributed.local_copy(state.params)), config, export)
+        Mask2FormerImageProcessor(
+            size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
+        ).save_pretrained(export)
+    return {"step": step, "train": last, "val": val_metrics, "val_initial": val_initial,
             "export": export, "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": None}

@@ -1,0 +1,206 @@
+"""``m2f-jax train`` on two processes (jax.distributed over 127.0.0.1, gloo CPU collectives, two
+virtual CPU devices each) against one process with four devices, and a two-process run that loses
+a process to SIGKILL after a checkpoint and resumes.
+
+Oracles: the single-process run (same global batches, same per-example keys: the program differs
+only in where its collectives run, so float summation order may differ) and the uninterrupted
+two-process run (the same program: a resume from a checkpoint must give its parameters bit for
+bit). Every process started here is killed when the test ends, whatever happens.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from m2f_jax.data.synthetic import write_dataset
+from m2f_jax.training import distributed
+from m2f_jax.training.run import PRESETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "tests", "_distributed_train.py")
+STEPS = 3
+# smaller than the tiny preset (one pixel-decoder layer, two decoder layers): compiling the step is
+# most of each run
+MODEL = dict(PRESETS["tiny"], hidden_dim=32, feature_size=32, mask_feature_size=32, num_attention_heads=2,
+             encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_queries=6,
+             backbone_config=dict(PRESETS["tiny"]["backbone_config"], embed_dim=16, num_heads=[1, 1, 2, 2]))
+TRAIN = ["train", "--format", "semantic", "--steps", str(STEPS), "--batch-size", "4",
+         "--crop", "64", "--num-points", "64", "--num-workers", "0", "--save-every", "1", "--keep", "3",
+         "--lr", "3e-4", "--clip-norm", "1.0", "--min-scale", "0.8", "--max-scale", "1.25", "--seed", "5"]
+TIMEOUT = 240  # s per run; the test takes ~3 minutes on 2 cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Processes:
+    """Started processes, all killed on exit."""
+
+    def __init__(self, env):
+        self.env, self.started = env, []
+
+    def start(self, devices, argv, log):
+        process = subprocess.Popen([sys.executable, SCRIPT, str(devices), *argv], cwd=REPO, env=self.env,
+                                   stdout=open(log + ".out", "w"), stderr=open(log + ".err", "w"))
+        self.started.append((process, log))
+        return process
+
+    def run(self, group):
+        """Waits for the (process, log) group; fails with their stderr when one fails."""
+        deadline = time.monotonic() + TIMEOUT
+        for process, log in group:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pass
+            if process.returncode != 0:
+                self.kill()
+                pytest.fail(f"{log}: exit {process.returncode}\n" + open(log + ".err").read()[-3000:])
+
+    def kill(self):
+        for process, _ in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def _two_processes(procs, tmp, out, name, extra=()):
+    port = _free_port()
+    return [(procs.start(2, TRAIN + ["--data", tmp["data"], "--init", tmp["init"], "--out", out, "--coordinator-address",
+                                     f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(p),
+                                     "--distributed-timeout", "60", *extra], os.path.join(tmp["logs"], f"{name}{p}")),
+             os.path.join(tmp["logs"], f"{name}{p}")) for p in range(2)]
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
+
+
+def _params(out):
+    return load_file(os.path.join(out, "hf", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    tmp = {"data": str(root / "data"), "logs": str(root), "init": str(root / "config.json")}
+    with open(tmp["init"], "w") as f:
+        json.dump(MODEL, f)
+    write_dataset(tmp["data"], num_train=16, num_val=4, image_size=(64, 64), seed=0, formats=("semantic",))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "cache"), PYTHONPATH=REPO)
+    outs = {name: str(root / name) for name in ("single", "two", "killed")}
+    with _Processes(env) as procs:
+        # the single-process 4-device run and the uninterrupted two-process run, side by side
+        single = (procs.start(4, TRAIN + ["--data", tmp["data"], "--init", tmp["init"], "--out", outs["single"]],
+                              os.path.join(tmp["logs"], "single")), os.path.join(tmp["logs"], "single"))
+        two = _two_processes(procs, tmp, outs["two"], "two")
+        procs.run([single] + two)
+
+        # a second two-process run; process 1 is killed once the first checkpoint is complete
+        killed = _two_processes(procs, tmp, outs["killed"], "killed")
+        first = os.path.join(outs["killed"], "checkpoints", "1")
+        deadline = time.monotonic() + TIMEOUT
+        while not os.path.isdir(first) and time.monotonic() < deadline and killed[1][0].poll() is None:
+            time.sleep(0.01)
+        killed[1][0].send_signal(signal.SIGKILL)
+        assert killed[1][0].wait() == -signal.SIGKILL, "process 1 ended before it could be killed"
+        killed[0][0].kill()  # process 0 waits in a collective for its lost peer
+        killed[0][0].wait()
+        steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(first)) if s.isdigit())
+        resumed = _two_processes(procs, tmp, outs["killed"], "resumed", ["--resume"])
+        procs.run(resumed)
+        resumed_err = open(os.path.join(tmp["logs"], "resumed0.err")).read()
+    return {"outs": outs, "steps_before": steps_before, "resumed_err": resumed_err}
+
+
+def test_two_processes_train_as_one_process_with_their_devices(runs):
+    single, two = runs["outs"]["single"], runs["outs"]["two"]
+    assert len(_losses(single)) == len(_losses(two)) == STEPS
+    np.testing.assert_allclose(_losses(two), _losses(single), rtol=1e-4)
+    a, b = _params(two), _params(single)
+    assert a.keys() == b.keys()
+    total = sum(v.size for v in a.values())
+    apart = sum(int((np.abs(a[k] - b[k]) > 1e-5).sum()) for k in a)
+    assert apart <= 1e-3 * total, f"{apart} of {total} parameter elements differ by more than 1e-5"
+
+
+def test_a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_parameters(runs):
+    assert runs["steps_before"] and runs["steps_before"][-1] < STEPS  # killed mid-run, a checkpoint kept
+    assert f"resumed from step {runs['steps_before'][-1]}" in runs["resumed_err"]
+    a, b = _params(runs["outs"]["killed"]), _params(runs["outs"]["two"])
+    for key in b:  # the same program from the same state and input position: bit for bit on CPU
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # the checkpoint holds each process's input position, written by grain's handler
+    last = os.path.join(runs["outs"]["killed"], "checkpoints", str(STEPS), "data")
+    files = sorted(f for f in os.listdir(last) if f.endswith(".json"))
+    assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+    positions = [json.load(open(os.path.join(last, f))) for f in files]
+    assert positions[0] == positions[1] and (positions[0]["epoch"], positions[0]["batch"]) == (0, STEPS)
+
+
+# ---- clear errors -------------------------------------------------------------------------------
+
+
+def test_an_unreachable_coordinator_is_one_line_after_the_timeout(tmp_path):
+    port = _free_port()  # nothing listens there
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "m2f_jax", "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+         "--distributed-timeout", "2"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (f"error: process 1 of 2 could not reach the coordinator at 127.0.0.1:{port} "
+                                     "within 2 s (Connection refused). Start process 0 with the same "
+                                     "--coordinator-address (its host and a free port) and check that this host "
+                                     "can reach it.")
+    assert time.monotonic() - started >= 2
+
+
+def test_a_global_batch_that_does_not_divide_over_the_devices_is_refused():
+    class Mesh:  # the mesh's device count is all local_batch_size reads
+        devices = np.empty(4, object)
+
+    assert distributed.local_batch_size(8, Mesh()) == 8  # one process: all rows are its own
+    with pytest.raises(distributed.DistributedError,
+                       match=r"global batch size 6 does not divide over the 4 devices .* use a multiple of 4"):
+        distributed.local_batch_size(6, Mesh())
+
+
+def test_processes_that_disagree_are_named_with_what_differs(monkeypatch):
+    values = {"arguments": {"lr": 3e-4}, "config": {"hidden_dim": 32}, "step": 7}
+    other = dict(values, step=5)  # process 2 resumed from another checkpoint
+    fingerprints = {name: distributed.fingerprint(v) for name, v in values.items()}
+    names = sorted(values)
+
+    def allgather(mine):  # processes 0 and 1 as this one, process 2 with `other`
+        np.testing.assert_array_equal(mine, [fingerprints[n] for n in names])
+        return np.stack([mine, mine, [distributed.fingerprint(other[n]) for n in names]])
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 3)
+    monkeypatch.setattr(distributed.multihost_utils, "process_allgather", allgather)
+    with pytest.raises(distributed.DistributedError) as error:
+        distributed.check_agreement(values)
+    assert str(error.value).startswith(
+        "the processes of this run disagree: step (process(es) 2 differ from process 0). Start every "
+        "process with the same arguments")
+    monkeypatch.setattr(distributed.multihost_utils, "process_allgather", lambda mine: np.stack([mine] * 3))
+    distributed.check_agreement(values)  # no error when they agree
