@@ -217,12 +217,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
         shutil.rmtree(step4 + "/extra")
     manager = reopen()
     restored, extra = manager.restore_latest(abstract_state(fresh))
+    # the damaged step is deleted, so that the resumed run can save it again
+    assert manager.all_steps() == [2] and manager.save(4, saved[4], {"data_position": 4}, force=True)
     manager.close()
     assert int(restored.step) == 2 and extra == {"data_position": 2}
     for a, b in zip(_leaves(restored), _leaves(saved[2])):
         np.testing.assert_array_equal(a, b)
     err = capfd.readouterr().err
-    assert f"{step4}" in err and "resuming from step 2" in err, err
+    assert f"{step4}" in err and "resuming from step 2" in err and "deleting the damaged step(s) 4" in err, err
 
 
 def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):

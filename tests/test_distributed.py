@@ -1,6 +1,7 @@
 """``m2f-jax train`` on two processes (jax.distributed over 127.0.0.1, gloo CPU collectives, two
 virtual CPU devices each) against one process with four devices, and a two-process run that loses
-a process to SIGKILL after a checkpoint and resumes.
+a process to SIGKILL after its second checkpoint, whose newest checkpoint is then damaged, and
+that resumes from the intact one.
 
 Oracles: the single-process run (same global batches, same per-example keys: the program differs
 only in where its collectives run, so float summation order may differ) and the uninterrupted
@@ -88,6 +89,18 @@ def _two_processes(procs, tmp, out, name, extra=()):
              os.path.join(tmp["logs"], f"{name}{p}")) for p in range(2)]
 
 
+def _largest_file(folder):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_64_bytes(path):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    open(path, "wb").write(bytes(data))
+
+
 def _losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
@@ -113,17 +126,19 @@ def runs(tmp_path_factory):
         two = _two_processes(procs, tmp, outs["two"], "two")
         procs.run([single] + two)
 
-        # a second two-process run; process 1 is killed once the first checkpoint is complete
+        # a second two-process run: process 1 is killed once the second checkpoint is complete, and
+        # that checkpoint is then damaged (64 bytes flipped in its largest array file)
         killed = _two_processes(procs, tmp, outs["killed"], "killed")
-        first = os.path.join(outs["killed"], "checkpoints", "1")
+        second = os.path.join(outs["killed"], "checkpoints", "2")
         deadline = time.monotonic() + TIMEOUT
-        while not os.path.isdir(first) and time.monotonic() < deadline and killed[1][0].poll() is None:
+        while not os.path.isdir(second) and time.monotonic() < deadline and killed[1][0].poll() is None:
             time.sleep(0.01)
         killed[1][0].send_signal(signal.SIGKILL)
         assert killed[1][0].wait() == -signal.SIGKILL, "process 1 ended before it could be killed"
         killed[0][0].kill()  # process 0 waits in a collective for its lost peer
         killed[0][0].wait()
-        steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(first)) if s.isdigit())
+        steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(second)) if s.isdigit())
+        _flip_64_bytes(_largest_file(os.path.join(second, "state")))
         resumed = _two_processes(procs, tmp, outs["killed"], "resumed", ["--resume"])
         procs.run(resumed)
         resumed_err = open(os.path.join(tmp["logs"], "resumed0.err")).read()
@@ -142,8 +157,11 @@ def test_two_processes_train_as_one_process_with_their_devices(runs):
 
 
 def test_a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_parameters(runs):
-    assert runs["steps_before"] and runs["steps_before"][-1] < STEPS  # killed mid-run, a checkpoint kept
-    assert f"resumed from step {runs['steps_before'][-1]}" in runs["resumed_err"]
+    assert runs["steps_before"] == [1, 2]  # killed mid-run, two checkpoints kept
+    # both processes find step 2 damaged and resume from step 1, the newest intact one
+    assert "checkpoints/2 is damaged" in runs["resumed_err"] or "checkpoints/2 cannot be read" in runs["resumed_err"]
+    assert "resuming from step 1, the newest intact checkpoint" in runs["resumed_err"]
+    assert "resumed from step 1" in runs["resumed_err"]
     a, b = _params(runs["outs"]["killed"]), _params(runs["outs"]["two"])
     for key in b:  # the same program from the same state and input position: bit for bit on CPU
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -207,19 +207,24 @@ class CheckpointManager:
 
     def restore_latest(self, abstract_state, *, data=None) -> Optional[Tuple[Any, dict]]:
         """The newest intact checkpoint ``(state, extra)``, or None when there is none at all.
-        A damaged newer one is reported on stderr and skipped; when every one is damaged,
-        :class:`DamagedCheckpointError` names them."""
+        A damaged newer one is reported on stderr, skipped and deleted (the resumed run saves
+        those steps again); when every one is damaged, :class:`DamagedCheckpointError` names
+        them and nothing is deleted. With several processes every process calls this."""
         steps = sorted(self.all_steps(), reverse=True)
-        problems = []
+        problems, damaged = [], []
         for step in steps:
             try:
                 restored = self.restore(step, abstract_state, data=data)
             except DamagedCheckpointError as e:
                 print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
                 problems.append(str(e))
+                damaged.append(step)
                 continue
             if problems:
-                print(f"warning: resuming from step {step}, the newest intact checkpoint", file=sys.stderr)
+                print(f"warning: resuming from step {step}, the newest intact checkpoint; deleting the damaged "
+                      f"step(s) {', '.join(map(str, damaged))}", file=sys.stderr)
+                for bad in damaged:
+                    self._manager.delete(bad)
             return restored
         if problems:
             raise DamagedCheckpointError(f"no intact checkpoint in {os.fspath(self.directory)}: " + "; ".join(problems))
