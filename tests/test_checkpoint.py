@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from m2f_jax.training.checkpoint import CheckpointManager, abstract_state  # noqa: E402
 from m2f_jax.training.optimizer import make_optimizer  # noqa: E402
 from m2f_jax.training.train_step import TrainState, make_generic_train_step  # noqa: E402
+from tests import flip_64_bytes, largest_file  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 7
@@ -179,18 +180,6 @@ def _two_checkpoints(tmp_path):
     return (lambda: CheckpointManager(tmp_path, save_every=2, keep=3)), saved, fresh_state()[0]
 
 
-def _largest_file(folder):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
-    return max(files, key=os.path.getsize)
-
-
-def _flip_64_bytes(path):
-    data = bytearray(open(path, "rb").read())
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-    open(path, "wb").write(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["truncate_largest", "delete_largest", "flip_64_bytes", "remove_metadata",
                                     "remove_extra"])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capfd, damage):
@@ -199,13 +188,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
     reopen, saved, fresh = _two_checkpoints(tmp_path)
     step4 = str(tmp_path / "4")
     if damage == "truncate_largest":
-        path = _largest_file(step4 + "/state")
+        path = largest_file(step4 + "/state")
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     elif damage == "delete_largest":
-        os.remove(_largest_file(step4 + "/state"))
+        os.remove(largest_file(step4 + "/state"))
     elif damage == "flip_64_bytes":
-        _flip_64_bytes(_largest_file(step4 + "/state"))
+        flip_64_bytes(largest_file(step4 + "/state"))
     elif damage == "remove_metadata":
         for d, _, files in os.walk(step4):
             for f in files:
@@ -232,7 +221,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
 
     reopen, _, fresh = _two_checkpoints(tmp_path)
     for step in ("2", "4"):
-        _flip_64_bytes(_largest_file(str(tmp_path / step / "state")))
+        flip_64_bytes(largest_file(str(tmp_path / step / "state")))
     manager = reopen()
     with pytest.raises(DamagedCheckpointError, match=r"no intact checkpoint in .*/2.*(damaged|cannot be read)"):
         manager.restore_latest(abstract_state(fresh))

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 from m2f_jax.data.synthetic import write_dataset
 from m2f_jax.training import distributed
 from m2f_jax.training.run import PRESETS
+from tests import flip_64_bytes, largest_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "_distributed_train.py")
@@ -89,18 +90,6 @@ def _two_processes(procs, tmp, out, name, extra=()):
              os.path.join(tmp["logs"], f"{name}{p}")) for p in range(2)]
 
 
-def _largest_file(folder):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
-    return max(files, key=os.path.getsize)
-
-
-def _flip_64_bytes(path):
-    data = bytearray(open(path, "rb").read())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-    open(path, "wb").write(bytes(data))
-
-
 def _losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
@@ -138,7 +127,7 @@ def runs(tmp_path_factory):
         killed[0][0].kill()  # process 0 waits in a collective for its lost peer
         killed[0][0].wait()
         steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(second)) if s.isdigit())
-        _flip_64_bytes(_largest_file(os.path.join(second, "state")))
+        flip_64_bytes(largest_file(os.path.join(second, "state")))
         resumed = _two_processes(procs, tmp, outs["killed"], "resumed", ["--resume"])
         procs.run(resumed)
         resumed_err = open(os.path.join(tmp["logs"], "resumed0.err")).read()
