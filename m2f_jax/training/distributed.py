@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from m2f_jax.training.train_step import MESH_AXIS
+from m2f_jax.training.train_step import MESH_AXIS, make_mesh
 
 
 class DistributedError(RuntimeError):
@@ -142,8 +142,7 @@ def barrier(name: str, timeout_s: int) -> None:
 def global_mesh() -> Mesh:
     """A 1-D ``"data"`` mesh over every device of every process, in process order (so that the
     processes' rows of a batch laid end to end are the global batch)."""
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (MESH_AXIS,))
+    return make_mesh(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
