@@ -38,7 +38,10 @@ def cluster_detected() -> bool:
         return True
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         return True
-    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    # several host names; a value with spaces is not one (JAX's TPU set-up can leave a warning text
+    # there on a host that is not a TPU VM, and child processes inherit it)
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    return len(hosts) > 1 and all(h and not any(c.isspace() for c in h) for h in hosts)
 
 
 def initialize(
