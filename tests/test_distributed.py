@@ -211,3 +211,21 @@ def test_processes_that_disagree_are_named_with_what_differs(monkeypatch):
         "process with the same arguments")
     monkeypatch.setattr(distributed.multihost_utils, "process_allgather", lambda mine: np.stack([mine] * 3))
     distributed.check_agreement(values)  # no error when they agree
+
+
+def test_only_a_real_launch_starts_the_distributed_runtime_by_itself(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.cluster_detected()
+    # the text JAX's TPU set-up leaves on a host that is not a TPU VM has commas but no host names
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames or IP addresses, "
+                                               "please set env var `TPU_WORKER_HOSTNAMES` manually")
+    assert not distributed.cluster_detected()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0")
+    assert not distributed.cluster_detected()  # one host
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1")
+    assert distributed.cluster_detected()
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.cluster_detected()
