@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from typing import List, Optional
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -100,8 +101,9 @@ def _writable_folder(path: str) -> None:
     """Creates ``path`` if needed and checks that a file can be written there (before any work)."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".m2f_write_test")
-        open(probe, "w").close()
+        # a name of its own: every process of a multi-process run checks the same folder at once
+        fd, probe = tempfile.mkstemp(prefix=".m2f_write_test_", dir=path)
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to the output folder {path}: {e.strerror or e}") from e

@@ -1,6 +1,8 @@
 """Bad input and faults: a clear error or the right answer, never a silently wrong one. Oracles:
 transformers' ``load_image`` (EXIF orientation), hand-computed pixel values (16-bit images), the
 exact error types and words, and a checkpoint restored exactly."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -235,6 +237,26 @@ def test_segment_and_train_to_an_unwritable_folder_are_one_line(tmp_path):
         r = _cli(*command, "--out", str(blocker / "out"))
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert "cannot write to the output folder" in r.stderr
+
+
+def test_processes_checking_one_output_folder_at_once_all_pass(tmp_path, monkeypatch):
+    """Every process of a multi-process ``train`` checks the same --out folder as it starts. Here a
+    second check runs whole between the first one's creating and removing its probe file (the
+    interleaving that once failed one process with "cannot write to the output folder"): both pass
+    and leave the folder empty."""
+    from m2f_jax import cli
+
+    remove, nested = os.remove, []
+
+    def remove_after_another_check(path):
+        if not nested:
+            nested.append(path)
+            cli._writable_folder(str(tmp_path / "out"))  # the other process, start to end
+        remove(path)
+
+    monkeypatch.setattr(cli.os, "remove", remove_after_another_check)
+    cli._writable_folder(str(tmp_path / "out"))
+    assert nested and os.listdir(tmp_path / "out") == []
 
 
 def test_eval_on_a_dataset_with_a_broken_image_is_one_line(tmp_path):

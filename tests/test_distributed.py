@@ -123,7 +123,8 @@ def runs(tmp_path_factory):
         while not os.path.isdir(second) and time.monotonic() < deadline and killed[1][0].poll() is None:
             time.sleep(0.01)
         killed[1][0].send_signal(signal.SIGKILL)
-        assert killed[1][0].wait() == -signal.SIGKILL, "process 1 ended before it could be killed"
+        assert killed[1][0].wait() == -signal.SIGKILL, (
+            "process 1 ended before it could be killed:\n" + open(killed[1][1] + ".err").read()[-3000:])
         killed[0][0].kill()  # process 0 waits in a collective for its lost peer
         killed[0][0].wait()
         steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(second)) if s.isdigit())

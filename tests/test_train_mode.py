@@ -26,6 +26,7 @@ _JITTED = {}
 
 
 def _run(module, params, x, deterministic, seed):
+    # the module is kept with its program: a freed module's id can be reused by the next one
     key = (id(module), deterministic)
     # rbg keys: threefry's random bits compile several times slower on CPU; the modules take either.
     rng = jax.random.key(seed, impl="rbg")
@@ -33,8 +34,8 @@ def _run(module, params, x, deterministic, seed):
         step = jax.jit(lambda p, x, rng: module.apply(
             {"params": p}, x, deterministic=deterministic, rngs={"dropout": rng}))
         # These tests compare runs of the same program with each other: compile it fast.
-        _JITTED[key] = step.lower(params, x, rng).compile(compiler_options=FAST_CPU_COMPILE)
-    out = _JITTED[key](params, x, rng)
+        _JITTED[key] = module, step.lower(params, x, rng).compile(compiler_options=FAST_CPU_COMPILE)
+    out = _JITTED[key][1](params, x, rng)
     return np.asarray(out.masks_queries_logits), out
 
 
