@@ -7,6 +7,8 @@ decoding by hand, pycocotools' ``COCO.annToMask``, transformers' ``Mask2FormerIm
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -432,3 +434,41 @@ def test_iterator_errors_are_clear():
     with BatchIterator(_Toy(10), 2, broken, max_masks=2, num_workers=2) as it:
         with pytest.raises(RuntimeError, match="bad example"):
             next(it)
+
+
+_WORKERS_SCRIPT = """
+import multiprocessing, sys
+from m2f_jax.data import BatchIterator, CocoPanopticDataset, TrainTransform
+
+class Unreadable:  # the dataset with its example 5 unreadable
+    def __init__(self, dataset): self.dataset = dataset
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, i):
+        if i == 5: raise OSError("example 5 is unreadable")
+        return self.dataset[i]
+
+if __name__ == "__main__":
+    dataset = CocoPanopticDataset(sys.argv[1], "train")
+    with BatchIterator(dataset, 4, TrainTransform(64), max_masks=8, num_workers=2) as it:
+        next(it)  # the workers have more examples in flight
+        workers = multiprocessing.active_children()
+    print("exit codes", [w.exitcode for w in workers])
+    with BatchIterator(Unreadable(dataset), 4, TrainTransform(64), max_masks=8, shuffle=False, num_workers=1) as it:
+        next(it)  # examples 0-3
+        try:
+            next(it)
+        except OSError as e:
+            print("raised", e)
+"""
+
+
+def test_workers_exit_when_stopped_and_an_error_leaves_no_shared_memory(root):
+    """Stopped with examples in flight, grain's worker processes end on their own (exit status 0;
+    grain kills one that has not ended after 25 s); an example that cannot be read is raised in this
+    process, with nothing left behind in shared memory (Python's resource tracker would warn at
+    exit)."""
+    r = subprocess.run([sys.executable, "-c", _WORKERS_SCRIPT, root], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == ["exit codes [0, 0]", "raised example 5 is unreadable"], r.stdout + r.stderr
+    assert "leaked" not in r.stderr, r.stderr[-3000:]

@@ -1,7 +1,7 @@
 """``m2f-jax train`` on two processes (jax.distributed over 127.0.0.1, gloo CPU collectives, two
 virtual CPU devices each) against one process with four devices, and a two-process run that loses
 a process to SIGKILL after its second checkpoint, whose newest checkpoint is then damaged, and
-that resumes from the intact one.
+that resumes from the intact one. Every run fine-tunes one randomly initialised checkpoint.
 
 Oracles: the single-process run (same global batches, same per-example keys: the program differs
 only in where its collectives run, so float summation order may differ) and the uninterrupted
@@ -16,14 +16,19 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from convert.folders import save_hf_folder
+from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.data.synthetic import write_dataset
+from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
 from m2f_jax.training import distributed
-from m2f_jax.training.run import PRESETS
+from m2f_jax.training.run import PRESETS, open_dataset
 from tests import flip_64_bytes, largest_file
+from tests._fast_compile import FAST_CPU_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "_distributed_train.py")
@@ -32,7 +37,8 @@ STEPS = 3
 # most of each run
 MODEL = dict(PRESETS["tiny"], hidden_dim=32, feature_size=32, mask_feature_size=32, num_attention_heads=2,
              encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_queries=6,
-             backbone_config=dict(PRESETS["tiny"]["backbone_config"], embed_dim=16, num_heads=[1, 1, 2, 2]))
+             backbone_config=dict(PRESETS["tiny"]["backbone_config"], embed_dim=16, depths=[1, 1, 1, 1],
+                                  num_heads=[1, 1, 2, 2]))
 TRAIN = ["train", "--format", "semantic", "--steps", str(STEPS), "--batch-size", "4",
          "--crop", "64", "--num-points", "64", "--num-workers", "0", "--save-every", "1", "--keep", "3",
          "--lr", "3e-4", "--clip-norm", "1.0", "--min-scale", "0.8", "--max-scale", "1.25", "--seed", "5"]
@@ -102,10 +108,16 @@ def _params(out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    tmp = {"data": str(root / "data"), "logs": str(root), "init": str(root / "config.json")}
-    with open(tmp["init"], "w") as f:
-        json.dump(MODEL, f)
+    tmp = {"data": str(root / "data"), "logs": str(root), "init": str(root / "init")}
     write_dataset(tmp["data"], num_train=16, num_val=4, image_size=(64, 64), seed=0, formats=("semantic",))
+    # one randomly initialised checkpoint for every run (initialising in each of the 7 processes
+    # would compile the model's init 7 times)
+    id2label = {int(k): v for k, v in open_dataset(tmp["data"], "semantic", "train").id2label.items()}
+    config = Mask2FormerConfig.from_dict(dict(MODEL, id2label=id2label))
+    module = Mask2FormerForUniversalSegmentation(config)
+    args = jax.random.PRNGKey(5), np.zeros((1, 64, 64, 3), np.float32)
+    params = jax.jit(module.init).lower(*args).compile(compiler_options=FAST_CPU_COMPILE)(*args)["params"]
+    save_hf_folder(jax.tree_util.tree_map(np.asarray, params), config, tmp["init"])
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "cache"), PYTHONPATH=REPO)
     outs = {name: str(root / name) for name in ("single", "two", "killed")}
     with _Processes(env) as procs:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grain
 import numpy as np
@@ -55,7 +55,6 @@ import numpy as np
 # what the global order depends on (not the process count: any count sees the same global batches)
 _STATE_KEYS = ("seed", "num_examples", "batch_size", "shuffle", "drop_remainder")
 _ENDLESS_EPOCHS = 2 ** 31  # num_epochs=None: a source this long is never exhausted
-_NO_SHARED_MEMORY = 2 ** 62  # grain's min_shm_size: no array is that large
 
 
 class _Schedule:
@@ -111,14 +110,20 @@ class _Schedule:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_cached"}
 
-    def example(self, position: Tuple[int, int]) -> Tuple[int, Optional[Dict[str, np.ndarray]]]:
+    def example(self, position: Tuple[int, int]) -> Tuple[int, Any]:
         epoch, index = position
         if index < 0:
             return index, None
         rng = np.random.default_rng([self.seed, 1, epoch, index])
-        return index, self.transform(self.dataset[index], rng)
+        try:
+            return index, self.transform(self.dataset[index], rng)
+        except Exception as e:  # raised by __next__, in this process: the workers stay healthy
+            return index, _Failed(e)
 
-    def collate(self, items: List[Tuple[int, Optional[dict]]]) -> Dict[str, np.ndarray]:
+    def collate(self, items: List[Tuple[int, Any]]) -> Dict[str, np.ndarray]:
+        for _, example in items:
+            if isinstance(example, _Failed):  # raised by __next__, where no example is held
+                return {_FAILED: example.error}
         indices = [index for index, _ in items]
         examples = [example for _, example in items]
         reference = next(e for e in examples if e is not None)
@@ -148,6 +153,19 @@ class _Schedule:
             batch["class_labels"][i, :count] = example["class_ids"][:count]
             batch["label_valid"][i, :count] = True
         return batch
+
+
+_FAILED = "_failed"  # the key of a batch that holds an example's error instead of arrays
+
+
+class _Failed:
+    """An example whose reading or transform raised: it travels from a worker like an example and
+    its batch holds only the error, which ``__next__`` raises. An error raised inside grain would
+    stop the workers and keep the examples in flight alive in its traceback: their shared memory
+    would outlive the process (Python warns at exit about each one)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 def _absl_flags_parsed() -> None:
@@ -240,11 +258,10 @@ class BatchIterator(grain.DatasetIterator):
             # slots in the workers would send ~4x the bytes through shared memory.
             _absl_flags_parsed()
             examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-            # Through the worker queues, not shared memory: grain leaves the shared memory of
-            # examples in flight behind when the iterator stops early (an error), and Python warns
-            # at exit about each one.
-            examples = grain.experimental.WithOptionsIterDataset(
-                examples, grain.experimental.DatasetOptions(min_shm_size=_NO_SHARED_MEMORY)).mp_prefetch(
+            # Examples travel in shared memory (grain's default): through the worker queues'
+            # pipes, a worker still flushing its queue when the iterator stops does not exit, and
+            # grain waits 25 s before it kills it.
+            examples = examples.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
                                              per_worker_buffer_size=self.prefetch * schedule.local_batch_size))
         return examples.batch(schedule.local_batch_size, batch_fn=schedule.collate)
@@ -261,6 +278,9 @@ class BatchIterator(grain.DatasetIterator):
         except BaseException:
             self.close()
             raise
+        if _FAILED in arrays:
+            self.close()
+            raise arrays[_FAILED]
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
