@@ -168,10 +168,10 @@ class _Failed:
         self.error = error
 
 
-def _absl_flags_parsed() -> None:
-    """grain reads an absl flag in its prefetch threads; a program that does not run absl.app
-    (ours, pytest, a notebook) has not parsed flags, which grain reports as an error. Mark them
-    parsed (their defaults) when nobody has."""
+def absl_flags_parsed() -> None:
+    """grain (in its prefetch threads) and Orbax read absl flags; a program that does not run
+    absl.app (ours, pytest, a notebook) has not parsed flags, which they report as an error. Mark
+    them parsed (their defaults) when nobody has."""
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
@@ -256,7 +256,7 @@ class BatchIterator(grain.DatasetIterator):
         else:
             # Workers send examples (their masks unpadded) and this process collates: padding M
             # slots in the workers would send ~4x the bytes through shared memory.
-            _absl_flags_parsed()
+            absl_flags_parsed()
             examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             # Examples travel in shared memory (grain's default): through the worker queues'
             # pipes, a worker still flushing its queue when the iterator stops does not exit, and

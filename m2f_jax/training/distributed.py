@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m2f_jax.data.pipeline import absl_flags_parsed
 from m2f_jax.training.train_step import MESH_AXIS, make_mesh
 
 
@@ -121,8 +122,7 @@ def _orbax_barriers_wait() -> None:
     from absl import flags
     from orbax.checkpoint import multihost  # noqa: F401  (defines the flag)
 
-    if not flags.FLAGS.is_parsed():  # not an absl.app program: the defaults stand
-        flags.FLAGS.mark_as_parsed()
+    absl_flags_parsed()
     flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
