@@ -14,18 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling.activations import ACTIVATIONS
 from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.pixel_decoder import NUM_FEATURE_LEVELS, layer_norm, sine_position_embedding
-from m2f_jax.modeling.swin import gelu
-
-_ACTIVATIONS = {
-    "relu": nn.relu,
-    "gelu": gelu,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
 
 
 def dot_product_attention(q, k, v, mask=None, dropout=None, deterministic=True):
@@ -79,7 +71,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         c, nh = cfg.hidden_dim, cfg.num_attention_heads
         dropout = nn.Dropout(cfg.dropout)
-        act = _ACTIVATIONS[cfg.activation_function]
+        act = ACTIVATIONS[cfg.activation_function]  # names checked by Mask2FormerConfig.validate
         cross_ln = layer_norm("cross_attn_layer_norm", self.dtype)
         self_ln = layer_norm("self_attn_layer_norm", self.dtype)
         final_ln = layer_norm("final_layer_norm", self.dtype)

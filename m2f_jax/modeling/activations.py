@@ -1,0 +1,34 @@
+"""The activation functions a config can name, by their transformers names: Swin's `hidden_act`
+and the decoder's `activation_function` (one table for both)."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import numpy as np
+
+__all__ = ["ACTIVATIONS", "activation", "gelu"]
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU in torch's form ``x/2 (1 + erf(x / sqrt 2))``; jax.nn.gelu's erfc form costs
+    twice as much on XLA:CPU (measured 7.6 vs 3.8 ms at 18432 x 384). Within 1e-6 of torch."""
+    return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
+ACTIVATIONS = {
+    "gelu": gelu,
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str, option: str) -> Callable[[jax.Array], jax.Array]:
+    """The function `name`; a ValueError naming `option` and the supported names otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{option} {name!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
