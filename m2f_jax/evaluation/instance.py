@@ -26,6 +26,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from m2f_jax.processing.arrays import as_numpy
+
 __all__ = [
     "COCO_METRIC_NAMES",
     "InstanceEvaluator",
@@ -37,14 +39,8 @@ __all__ = [
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def _as_numpy(array) -> np.ndarray:
-    if hasattr(array, "detach") and hasattr(array, "numpy"):  # a torch tensor, without importing torch
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _encode(mask) -> dict:
-    mask = _as_numpy(mask)
+    mask = as_numpy(mask)
     if mask.ndim != 2:
         raise ValueError(f"a binary mask must be (H, W), got shape {mask.shape}")
     return mask_utils.encode(np.asfortranarray((mask > 0).astype(np.uint8)[:, :, None]))[0]
@@ -104,7 +100,7 @@ def coco_instance_ground_truth(images, categories) -> dict:
     """
     coco_images, annotations = [], []
     for image in images:
-        masks = _as_numpy(image["masks"])
+        masks = as_numpy(image["masks"])
         category_ids = np.asarray(image["category_ids"]).reshape(-1)
         crowd = np.asarray(image.get("iscrowd", np.zeros(len(category_ids), int))).reshape(-1)
         if masks.ndim != 3 or len(masks) != len(category_ids) or len(crowd) != len(category_ids):
@@ -140,7 +136,7 @@ def instances_from_post_processing(result: Mapping, label_id_to_category_id=None
     if isinstance(segmentation, list):
         masks = segmentation
     else:
-        segmentation = _as_numpy(segmentation)
+        segmentation = as_numpy(segmentation)
         if segmentation.ndim == 3:
             masks = list(segmentation)
         else:

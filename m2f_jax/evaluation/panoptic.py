@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from m2f_jax.processing.arrays import as_numpy
+
 __all__ = [
     "PanopticAnnotations",
     "PanopticEvaluator",
@@ -50,12 +52,6 @@ MAX_SEGMENT_ID = 256**3 - 1  # largest id an RGB PNG can hold
 _METRIC_KEYS = ("pq", "sq", "rq")
 
 
-def _as_numpy(array) -> np.ndarray:
-    if hasattr(array, "detach") and hasattr(array, "numpy"):  # a torch tensor, without importing torch
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 # ----------------------------------------------------------------------------------------------
 # COCO panoptic format
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +59,7 @@ def _as_numpy(array) -> np.ndarray:
 
 def rgb2id(color) -> np.ndarray:
     """Segment ids of an (H, W, 3) RGB array: R + 256 G + 256^2 B (panopticapi `rgb2id`)."""
-    color = _as_numpy(color)
+    color = as_numpy(color)
     if color.ndim != 3 or color.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {color.shape}")
     color = color.astype(np.int64)
@@ -72,7 +68,7 @@ def rgb2id(color) -> np.ndarray:
 
 def id2rgb(segment_ids) -> np.ndarray:
     """(H, W, 3) uint8 RGB encoding of segment ids in [0, 256^3) (panopticapi `id2rgb`)."""
-    segment_ids = _as_numpy(segment_ids)
+    segment_ids = as_numpy(segment_ids)
     if segment_ids.size and (segment_ids.min() < 0 or segment_ids.max() > MAX_SEGMENT_ID):
         raise ValueError(f"segment ids must lie in [0, {MAX_SEGMENT_ID}] to fit an RGB PNG")
     segment_ids = segment_ids.astype(np.int64)
@@ -136,7 +132,7 @@ def write_coco_panoptic(json_path, png_dir, annotations, categories=None, images
     os.makedirs(png_dir, exist_ok=True)
     written = []
     for annotation in annotations:
-        segmentation = _as_numpy(annotation["segmentation"])
+        segmentation = as_numpy(annotation["segmentation"])
         if segmentation.ndim != 2:
             raise ValueError(f"segmentation must be (H, W), got shape {segmentation.shape}")
         file_name = annotation.get("file_name", f"{annotation['image_id']}.png")
@@ -181,7 +177,7 @@ def panoptic_from_post_processing(result: Mapping, label_id_to_category_id=None)
     `category_id` through `label_id_to_category_id` (a mapping or sequence; identity when None), as
     detectron2 maps contiguous ids back to dataset ids.
     """
-    segmentation = _as_numpy(result["segmentation"])
+    segmentation = as_numpy(result["segmentation"])
     segmentation = np.where(segmentation < 0, 0, segmentation).astype(np.int64)
     segments = []
     for segment in result["segments_info"]:
@@ -247,8 +243,8 @@ class PanopticEvaluator:
 
     def update(self, gt_segmentation, gt_segments_info, pred_segmentation, pred_segments_info) -> None:
         """Add one image: (H, W) id maps and their `segments_info` lists."""
-        gt_map = _as_numpy(gt_segmentation).astype(np.int64)
-        pred_map = _as_numpy(pred_segmentation).astype(np.int64)
+        gt_map = as_numpy(gt_segmentation).astype(np.int64)
+        pred_map = as_numpy(pred_segmentation).astype(np.int64)
         if gt_map.shape != pred_map.shape or gt_map.ndim != 2:
             raise ValueError(f"expected two (H, W) maps of one shape, got {gt_map.shape} and {pred_map.shape}")
         gt_ids, gt_categories, gt_crowd = _segment_table(gt_segments_info, "ground-truth")

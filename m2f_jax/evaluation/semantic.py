@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2f_jax.processing.arrays import as_numpy
+
 __all__ = ["SemanticEvaluator", "confusion_matrix", "semantic_metrics"]
-
-
-def _as_numpy(array) -> np.ndarray:
-    if hasattr(array, "detach") and hasattr(array, "numpy"):  # a torch tensor, without importing torch
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def confusion_matrix(prediction, ground_truth, num_classes: int, ignore_index: int | None = 255) -> np.ndarray:
@@ -32,7 +28,7 @@ def confusion_matrix(prediction, ground_truth, num_classes: int, ignore_index: i
     `prediction` and `ground_truth` are integer label maps of the same shape (one image (H, W) or
     a batch (B, H, W)); predictions must lie in [0, K), ground truth in [0, K) or equal `ignore_index`.
     """
-    prediction, ground_truth = _as_numpy(prediction), _as_numpy(ground_truth)
+    prediction, ground_truth = as_numpy(prediction), as_numpy(ground_truth)
     if prediction.shape != ground_truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {ground_truth.shape} differ in shape")
     for name, labels in (("prediction", prediction), ("ground truth", ground_truth)):

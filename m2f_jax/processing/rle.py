@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2f_jax.processing.arrays import as_numpy
+
 __all__ = [
     "binary_mask_to_rle",
     "convert_segmentation_to_rle",
     "mask_to_coco_rle",
     "coco_rle_counts",
 ]
-
-
-def _as_numpy(array) -> np.ndarray:
-    """NumPy view of a NumPy / JAX / torch array (torch only via its own `.numpy()`)."""
-    if hasattr(array, "detach") and hasattr(array, "numpy"):  # a torch tensor, without importing torch
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def _check_2d(mask: np.ndarray, name: str) -> None:
@@ -39,7 +34,7 @@ def binary_mask_to_rle(mask) -> list[int]:
     Same values as `transformers.models.mask2former.image_processing_pil_mask2former.binary_mask_to_rle`
     (which returns NumPy int64 elements; these are Python ints and compare equal).
     """
-    mask = _as_numpy(mask)
+    mask = as_numpy(mask)
     _check_2d(mask, "mask")
     pixels = np.concatenate([[0], (mask.reshape(-1) != 0).astype(np.int8), [0]])
     runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1  # 1-based positions where the value flips
@@ -53,14 +48,14 @@ def convert_segmentation_to_rle(segmentation) -> list[list[int]]:
     Values are visited in ascending order and the background (-1 in instance maps) is included,
     exactly as in transformers.
     """
-    segmentation = _as_numpy(segmentation)
+    segmentation = as_numpy(segmentation)
     _check_2d(segmentation, "segmentation")
     return [binary_mask_to_rle(segmentation == value) for value in np.unique(segmentation)]
 
 
 def coco_rle_counts(mask) -> np.ndarray:
     """Uncompressed COCO run lengths of a binary (H, W) mask: column-major, zeros run first."""
-    mask = _as_numpy(mask)
+    mask = as_numpy(mask)
     _check_2d(mask, "mask")
     flat = (mask.T.reshape(-1) != 0).astype(np.int8)  # column-major order
     if flat.size == 0:
@@ -106,7 +101,7 @@ def mask_to_coco_rle(mask) -> dict:
     Returns `{"size": [H, W], "counts": bytes}`, equal to `pycocotools.mask.encode(np.asfortranarray(
     mask.astype(np.uint8)))`; `.decode("ascii")` the counts to store them in JSON.
     """
-    mask = _as_numpy(mask)
+    mask = as_numpy(mask)
     _check_2d(mask, "mask")
     height, width = mask.shape
     return {"size": [int(height), int(width)], "counts": _compress_counts(coco_rle_counts(mask))}
