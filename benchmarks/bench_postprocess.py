@@ -12,7 +12,7 @@ thresholds (0.5) about that many instances / segments survive per image.
 Times are wall-clock medians in ms, ours and transformers' runs interleaved; the ratio is
 transformers / m2f_jax. Instance and panoptic are data-dependent (only queries that can pass the
 thresholds are upsampled), and so is semantic (class / query pruning with exact bounds, see
-post_processing.py); `--random-logits` shows the case where none of that applies.
+m2f_jax/processing/post_kernels.py); `--random-logits` shows the case where none of that applies.
 """
 
 from __future__ import annotations

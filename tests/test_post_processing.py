@@ -1,4 +1,5 @@
-"""Tests for m2f_jax.processing.post_processing and m2f_jax.processing.rle.
+"""Tests for m2f_jax.processing.post_processing (with its mask_resize and post_kernels) and
+m2f_jax.processing.rle.
 
 Oracle: transformers 5.24 ``Mask2FormerImageProcessorPil.post_process_*`` on the same logits
 (wrapped as torch tensors), pycocotools for COCO RLE, and transformers' RLE helpers. For
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from transformers import Mask2FormerImageProcessorPil
 from transformers.models.mask2former import image_processing_pil_mask2former as hf_module
 
+from m2f_jax.processing import mask_resize, post_kernels
 from m2f_jax.processing import post_processing as pp
 from m2f_jax.processing.rle import binary_mask_to_rle, convert_segmentation_to_rle, mask_to_coco_rle
 
@@ -189,8 +191,8 @@ def test_semantic_pruned_path_matches_transformers(target_sizes, monkeypatch):
     """Model-like logits take the two-phase argmax (bounds, then exact scores where undecided)."""
     class_logits, mask_logits = model_like_logits(2, [[0, 3, 5, 7, 11], [1, 1, 2, 19, 4]])
     dense_calls = []
-    original_dense = pp._semantic_dense
-    monkeypatch.setattr(pp, "_semantic_dense", lambda *a: dense_calls.append(1) or original_dense(*a))
+    original_dense = post_kernels._semantic_dense
+    monkeypatch.setattr(post_kernels, "_semantic_dense", lambda *a: dense_calls.append(1) or original_dense(*a))
     theirs = HF.post_process_semantic_segmentation(
         hf_outputs(class_logits, mask_logits), target_sizes=target_sizes, return_segmentation_scores=True
     )
@@ -203,7 +205,7 @@ def test_semantic_pruned_path_matches_transformers(target_sizes, monkeypatch):
 def test_semantic_pruned_path_falls_back_when_bounds_are_loose(monkeypatch):
     """With every query counted as slack, phase 1 decides nothing: the dense path must run."""
     class_logits, mask_logits = model_like_logits(3, [[0, 3, 5], [2, 4, 6]])
-    monkeypatch.setattr(pp, "_SIGNIFICANT_QUERY_WEIGHT", 0.999)  # nearly no significant query
+    monkeypatch.setattr(post_kernels, "_SIGNIFICANT_QUERY_WEIGHT", 0.999)  # nearly no significant query
     ours = pp.post_process_semantic_segmentation(our_outputs(class_logits, mask_logits), target_sizes=TARGETS)
     theirs = HF.post_process_semantic_segmentation(
         hf_outputs(class_logits, mask_logits), target_sizes=TARGETS, return_segmentation_scores=True
@@ -333,8 +335,8 @@ def test_panoptic_tiled_path_is_taken(monkeypatch):
     class_logits, mask_logits = model_like_logits(21, [[0, 3, 5, 7, 11, 2, 9, 4], [1, 2, 9, 4, 6, 8, 10, 12]])
     kwargs = dict(target_sizes=[(300, 500), (300, 500)])
     dense_calls = []
-    original_dense = pp._panoptic_dense
-    monkeypatch.setattr(pp, "_panoptic_dense", lambda *a: dense_calls.append(1) or original_dense(*a))
+    original_dense = post_kernels._panoptic_dense
+    monkeypatch.setattr(post_kernels, "_panoptic_dense", lambda *a: dense_calls.append(1) or original_dense(*a))
     ours = pp.post_process_panoptic_segmentation(our_outputs(class_logits, mask_logits), **kwargs)
     assert not dense_calls
     theirs = HF.post_process_panoptic_segmentation(hf_outputs(class_logits, mask_logits), **kwargs)
@@ -549,10 +551,10 @@ def test_interpolation_matches_torch():
     x = torch.from_numpy(np.random.default_rng(19).normal(size=(1, 3, 24, 37)).astype(np.float32) * 4)
     for size in [(96, 96), (480, 640), (17, 50), (24, 37)]:
         expected = F.interpolate(x, size=size, mode="bilinear", align_corners=False).numpy()
-        taps = (pp.linear_taps(24, size[0]), pp.linear_taps(37, size[1]))
-        np.testing.assert_allclose(np.asarray(pp._resize_hw(x.numpy(), taps)), expected, rtol=3e-7, atol=3e-6)
+        taps = (mask_resize.linear_taps(24, size[0]), mask_resize.linear_taps(37, size[1]))
+        np.testing.assert_allclose(np.asarray(mask_resize.resize_hw(x.numpy(), taps)), expected, rtol=3e-7, atol=3e-6)
         nearest = F.interpolate(x, size=size, mode="nearest").numpy()
-        rows, cols = pp.nearest_indices(24, size[0]), pp.nearest_indices(37, size[1])
+        rows, cols = mask_resize.nearest_indices(24, size[0]), mask_resize.nearest_indices(37, size[1])
         np.testing.assert_array_equal(x.numpy()[..., rows, :][..., cols], nearest)
 
 
