@@ -135,9 +135,9 @@ def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
 # top-left corner position (y0, x0) in [-1, H) x [-1, W), one row holding the hd channels of the
 # four corners (top-left, top-right, bottom-left, bottom-right; zeros outside the map), 4 hd = 128
 # wide for the Swin-T pixel decoder. One gather of one row per sample then reads all four corners,
-# a full 128-lane row of a TPU tile; gathering each corner's hd = 32 channels alone took 4x the
-# rows, each a quarter-filled tile row (XLA's TPU cost model, one 800x1088 encoder layer, bf16:
-# 25.5 -> 10.3 GB). Per-sample arrays are (L*P, N), N = B*Sq*nh the minor axis.
+# a full 128-lane row of a TPU tile. Gathering each corner's hd = 32 channels alone would take 4x
+# the rows, each a quarter-filled tile row, and XLA:TPU charges a gathered row about a whole tile
+# whatever it holds. Per-sample arrays are (L*P, N), N = B*Sq*nh the minor axis.
 #
 # The gather reads the value in its own dtype and upcasts (exact), so under bf16 it moves half
 # the bytes while the arithmetic stays float32; the custom_jvp below makes the backward's
@@ -206,18 +206,19 @@ def _msda_gather(value, spatial_shapes, sampling_locations, attention_weights):
 # sample of one head is one row gather, so nothing is transposed or padded. A corner outside its
 # level gets weight 0 (its index is clamped to any valid row), which is grid_sample's zero padding.
 #
-# How it is made fast on XLA:CPU (each measured with the profiler on the Swin-T pixel decoder):
+# How it is made fast on XLA:CPU:
 # * The corner rows and weights of all samples are computed once, as (n, 4, N) tables, and the
 #   gathers run in a ``lax.scan`` over the n = L*P samples. The tables are computed for all levels
-#   and points in one pass (per-sample slices made XLA recompute the attention softmax in each).
-#   Written as straight-line code, XLA fused the corner arithmetic into every gather and scatter and recomputed it for each of the hd
-#   channels; a loop's inputs are materialised, so each gather reads a plain index (5x forward).
+#   and points in one pass (per-sample slices make XLA recompute the attention softmax in each).
+#   Written as straight-line code, XLA fuses the corner arithmetic into every gather and scatter
+#   and recomputes it for each of the hd channels; a loop's inputs are materialised, so each
+#   gather reads a plain index.
 # * Rows are uint32, so the gathers carry no negative-index wrap-around.
 # * The backward is hand-written (custom_vjp): each corner is gathered once more and reduced
 #   against the output gradient, and the value gradient is scatter-added row by row. The four
 #   corners' dot products are one 4-operand reduce: XLA:CPU then fuses the gathers and products
-#   into it (a plain sum went to a library reduce that read each gathered corner from memory).
-#   XLA's own derivative of the gathers re-gathered the corners into several consumers.
+#   into it (a plain sum goes to a library reduce that reads each gathered corner from memory).
+#   XLA's own derivative of the gathers would re-gather the corners into several consumers.
 # * Under ``vmap`` (the train step maps the model over examples) the forward and backward fold
 #   the mapped axis into the batch axis (custom_vmap) instead of batching every gather.
 
@@ -227,7 +228,7 @@ def _corner_tables(spatial_shapes, value_shape, sampling_locations, attention_we
 
     The inputs are transposed once to the per-sample layout (L, P, B, Sq, nh) (the loop's
     slices), so every table below is computed in that layout: transposing the (4, ...) tables
-    instead moved 4x as much data (and, in the backward, the corner dot products as well).
+    instead would move 4x as much data (and, in the backward, the corner dot products as well).
 
     Args:
       spatial_shapes: static ((H_0, W_0), ...).

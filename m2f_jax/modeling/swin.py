@@ -3,7 +3,8 @@
 Layout is NHWC throughout: the token sequence (B, H*W, C) of transformers is kept as a
 (B, H, W, C) map, which is the same row-major order, so nothing but the layout comments differ.
 
-transformers behaviours kept for parity (reference: hf_mask2former.md section 2.1):
+transformers' behaviours, kept so that its checkpoints give its outputs (several differ from the
+original Swin code):
   * ``always_partition=True``: the window never shrinks and the shift never turns off, even when
     a stage is smaller than the window; the map is zero-padded up to a multiple of the window.
   * The window padding comes AFTER ``layernorm_before``, and padded tokens are not masked in

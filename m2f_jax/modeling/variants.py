@@ -8,9 +8,9 @@ Two variants, the same parameters, the same outputs (both parity-tested against 
   multi-scale deformable attention reads each sample's four corners with one row gather from a
   corner table, also differentiated by JAX (``jax.grad`` and ``jax.jvp`` both work); the loss
   samples the masks through a 128-lane window table, takes ``lax.top_k`` and writes its
-  prediction levels out without a loop (``criterion.py``). Measured with XLA's TPU cost model
-  (``benchmarks/tpu_cost.py``).
-* ``"cpu"``: what measured faster on XLA:CPU (README, Training benchmark): hand-written backward
+  prediction levels out without a loop (``criterion.py``); the gather layouts are the ones XLA's
+  TPU cost model charges least for (``benchmarks/tpu_cost.py``).
+* ``"cpu"``: what runs faster on XLA:CPU (``benchmarks/bench_train.py``): hand-written backward
   passes for Linear and convolution layers (``dense.py``, ``conv.py``), the deformable attention
   in a ``lax.scan`` with a hand-written backward and a ``vmap`` rule (``deformable.py``), the
   loss's bisection top-k and ``lax.map`` over levels, and in the train step one independent
