@@ -91,7 +91,7 @@ def compiled_jax_step(module, params, batch, compiler_options, compute_dtype=Non
     device batch, compile seconds)."""
     import jax
 
-    from m2f_jax.training.criterion import LossConfig
+    from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import TrainState, make_train_step
 

@@ -103,7 +103,7 @@ def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device
     counted once) plus each loop body compiled alone times its further worst-case trips. optax's
     algorithm scans the min(Q, M) rows; per row, its search and its backtrack each run at most
     max(Q, M) + 1 times."""
-    from m2f_jax.training.matcher import hungarian_assignment
+    from m2f_jax.modeling.matcher import hungarian_assignment
 
     sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
     cost = jax.ShapeDtypeStruct((problems, num_queries, num_targets), jnp.float32, sharding=sharding)
@@ -213,7 +213,7 @@ def parts(h, w, b, dt, grad=False):
 def loss(crop, masks, dt):
     """The loss of one example (final + 9 auxiliary levels, matcher included), forward + backward
     w.r.t. the logits."""
-    from m2f_jax.training.criterion import LossConfig, mask2former_loss
+    from m2f_jax.modeling.criterion import LossConfig, mask2former_loss
 
     topo = topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu")
     rep = NamedSharding(Mesh(np.array(topo.devices[:1]), ("d",)), P())
@@ -244,7 +244,7 @@ def loss(crop, masks, dt):
 
 
 def train(crop, per_chip, masks, dt):
-    from m2f_jax.training.criterion import LossConfig
+    from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import TrainState, make_train_step
 

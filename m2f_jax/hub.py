@@ -121,7 +121,7 @@ class Mask2Former:
         the output's ``loss`` is the weighted training loss (auxiliary levels included when
         ``config.use_auxiliary_loss``), from a separate jitted program, so the plain forward is
         unchanged. Its random points come from ``key`` (default ``jax.random.key(0)``) or from
-        ``given_points`` (``m2f_jax.training.criterion``'s format, e.g. transformers' draws
+        ``given_points`` (``m2f_jax.modeling.criterion``'s format, e.g. transformers' draws
         replayed)."""
         from m2f_jax.modeling.mask2former import check_pixel_values
 
@@ -142,7 +142,7 @@ class Mask2Former:
 
     @functools.cached_property
     def _loss_forward(self):
-        from m2f_jax.training.criterion import LossConfig, mask2former_loss
+        from m2f_jax.modeling.criterion import LossConfig, mask2former_loss
 
         loss_config = LossConfig.from_config(self.config)
         use_aux = bool(self.config.use_auxiliary_loss)

@@ -26,7 +26,7 @@ def first_batch(root: str, crop: int, batch_size: int, seed: int):
     """The first training batch of ``m2f-jax train --crop crop --batch-size batch_size``."""
     from m2f_jax.data.augment import TrainTransform
     from m2f_jax.data.pipeline import BatchIterator
-    from m2f_jax.training.run import open_dataset
+    from m2f_jax.data.datasets import open_dataset
     from m2f_jax.training.train_step import BATCH_KEYS
 
     dataset = open_dataset(root, "semantic", "train")
@@ -40,7 +40,7 @@ def jax_gradients(batch, id2label, seed: int):
     """{name: gradient} of the train-step loss for the "swin-t" preset's fresh initialisation."""
     import jax
 
-    from m2f_jax.training.criterion import LossConfig
+    from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.training.run import initial_model
     from m2f_jax.training.train_step import global_batch_losses
 

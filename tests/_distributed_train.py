@@ -1,7 +1,10 @@
 """``m2f-jax train`` as tests/test_distributed.py runs it, in a process of its own:
 ``python tests/_distributed_train.py DEVICES ARGS...`` gives JAX DEVICES virtual CPU devices and
 the test-only fast compile options (tests/_fast_compile.py) for the train step, then runs the
-command line with ARGS (``train ...``) and exits with its status."""
+command line with ARGS (``train ...``) and exits with its status. With ``M2F_TEST_SIGTERM=P:N`` in
+the environment, process P sends itself SIGTERM right after its Nth step's stop-flag exchange
+(``distributed.any_process``), so that its peers learn of it at the next exchange: a deterministic
+preemption between two steps."""
 import os
 import sys
 
@@ -23,4 +26,22 @@ if __name__ == "__main__":
         return {**options(platform), **FAST_CPU_COMPILE}
 
     train_step.train_compiler_options = fast_options
+    if os.environ.get("M2F_TEST_SIGTERM"):
+        import signal
+
+        from m2f_jax.training import distributed
+
+        process, call = map(int, os.environ["M2F_TEST_SIGTERM"].split(":"))
+        argv = sys.argv[2:]
+        if int(argv[argv.index("--process-id") + 1]) == process:
+            exchange, calls = distributed.any_process, [0]
+
+            def any_process(flags):
+                result = exchange(flags)
+                calls[0] += 1
+                if calls[0] == call:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return result
+
+            distributed.any_process = any_process
     sys.exit(cli.main(sys.argv[2:]))

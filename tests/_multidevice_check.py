@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from m2f_jax.config import Mask2FormerConfig  # noqa: E402
 from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation  # noqa: E402
 from m2f_jax.training import train_step as ts  # noqa: E402
-from m2f_jax.training.criterion import LossConfig  # noqa: E402
+from m2f_jax.modeling.criterion import LossConfig  # noqa: E402
 from m2f_jax.training.optimizer import make_optimizer  # noqa: E402
 from tests._fast_compile import FAST_CPU_COMPILE  # noqa: E402
 from tests.hf_models import hf_config  # noqa: E402

@@ -91,3 +91,39 @@ def compare_outputs(ours, theirs, atol: float) -> dict:
     worst = max(errors, key=errors.get)
     assert errors[worst] <= atol, f"{worst}: max abs error {errors[worst]:.3g} > {atol} ({errors})"
     return errors
+
+
+def points_from_torch_draws(
+    draws,
+    batch_size: int,
+    num_levels: int,
+    config,
+) -> list:
+    """transformers' recorded ``torch.rand`` outputs, in call order -> the ``given_points`` of
+    ``m2f_jax.modeling.criterion.mask2former_loss`` (a ``LossConfig`` or model config), so that a
+    parity test replays transformers' random points exactly.
+
+    Per level transformers draws ``batch_size`` x (1, P, 2) for the matcher, then (R, Ps, 2) and,
+    when P - k > 0, (R, P - k, 2) for the mask losses.
+    """
+    from m2f_jax.modeling.criterion import LossConfig
+
+    cfg = config if isinstance(config, LossConfig) else LossConfig.from_config(config)
+    per_level = batch_size + (2 if cfg.num_random_points > 0 else 1)
+    if len(draws) != per_level * num_levels:
+        raise ValueError(
+            f"expected {per_level} draws per level x {num_levels} levels = "
+            f"{per_level * num_levels}, got {len(draws)}."
+        )
+    out = []
+    for level in range(num_levels):
+        level_draws = draws[level * per_level : (level + 1) * per_level]
+        chunk = [np.asarray(d, np.float32) for d in level_draws]
+        entry = {
+            "matcher": np.concatenate(chunk[:batch_size], axis=0),
+            "oversampled": chunk[batch_size],
+        }
+        if cfg.num_random_points > 0:
+            entry["random"] = chunk[batch_size + 1]
+        out.append(entry)
+    return out

@@ -17,14 +17,14 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling import variants
-from m2f_jax.training.criterion import (
+from m2f_jax.modeling.criterion import (
     LossConfig,
     _stack_levels,
     mask2former_loss,
     num_masks_for_normalisation,
-    points_from_torch_draws,
 )
-from m2f_jax.training.matcher import matching_to_indices
+from m2f_jax.modeling.matcher import matching_to_indices
+from tests.hf_models import points_from_torch_draws
 
 B, Q, NUM_LABELS, MAX_TARGETS, NUM_AUX = 2, 8, 4, 4, 2
 MASK_SIZE, TARGET_SIZE, NUM_POINTS = 16, 64, 64
@@ -258,7 +258,7 @@ def test_bad_inputs_raise_value_error():
 def test_top_k_indices_selects_what_lax_top_k_selects_ties_included():
     """The loss's top-k (bisection + compaction) against jax.lax.top_k (sorted), on values with
     many ties, signed zeros and infinities."""
-    from m2f_jax.training.criterion import top_k_indices
+    from m2f_jax.modeling.criterion import top_k_indices
 
     rng = np.random.default_rng(0)
     cases = [

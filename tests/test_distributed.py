@@ -1,11 +1,13 @@
 """``m2f-jax train`` on two processes (jax.distributed over 127.0.0.1, gloo CPU collectives, two
 virtual CPU devices each) against one process with four devices, and a two-process run that loses
-a process to SIGKILL after its second checkpoint, whose newest checkpoint is then damaged, and
-that resumes from the intact one. Every run fine-tunes one randomly initialised checkpoint.
+a process to SIGKILL after its second checkpoint, whose newest checkpoint is then damaged, that
+resumes from the intact one, is preempted there (SIGTERM on one process: both stop after the same
+step and save it) and resumes again to the end. Every run fine-tunes one randomly initialised
+checkpoint.
 
 Oracles: the single-process run (same global batches, same per-example keys: the program differs
 only in where its collectives run, so float summation order may differ) and the uninterrupted
-two-process run (the same program: a resume from a checkpoint must give its parameters bit for
+two-process run (the same program: resuming from a checkpoint must give its parameters bit for
 bit). Every process started here is killed when the test ends, whatever happens.
 """
 import json
@@ -26,7 +28,8 @@ from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.data.synthetic import write_dataset
 from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
 from m2f_jax.training import distributed
-from m2f_jax.training.run import PRESETS, open_dataset
+from m2f_jax.data.datasets import open_dataset
+from m2f_jax.training.run import PRESETS
 from tests import flip_64_bytes, largest_file
 from tests._fast_compile import FAST_CPU_COMPILE
 
@@ -42,7 +45,7 @@ MODEL = dict(PRESETS["tiny"], hidden_dim=32, feature_size=32, mask_feature_size=
 TRAIN = ["train", "--format", "semantic", "--steps", str(STEPS), "--batch-size", "4",
          "--crop", "64", "--num-points", "64", "--num-workers", "0", "--save-every", "1", "--keep", "3",
          "--lr", "3e-4", "--clip-norm", "1.0", "--min-scale", "0.8", "--max-scale", "1.25", "--seed", "5"]
-TIMEOUT = 240  # s per run; the test takes ~3 minutes on 2 cores
+TIMEOUT = 240  # s per run; the test takes ~4 minutes on 2 cores
 
 
 def _free_port() -> int:
@@ -54,8 +57,8 @@ def _free_port() -> int:
 class _Processes:
     """Started processes, all killed on exit."""
 
-    def __init__(self, env):
-        self.env, self.started = env, []
+    def __init__(self, env, started=None):
+        self.env, self.started = env, [] if started is None else started
 
     def start(self, devices, argv, log):
         process = subprocess.Popen([sys.executable, SCRIPT, str(devices), *argv], cwd=REPO, env=self.env,
@@ -63,15 +66,16 @@ class _Processes:
         self.started.append((process, log))
         return process
 
-    def run(self, group):
-        """Waits for the (process, log) group; fails with their stderr when one fails."""
+    def run(self, group, status=0):
+        """Waits for the (process, log) group; fails with their stderr when one does not end with
+        ``status``."""
         deadline = time.monotonic() + TIMEOUT
         for process, log in group:
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
                 pass
-            if process.returncode != 0:
+            if process.returncode != status:
                 self.kill()
                 pytest.fail(f"{log}: exit {process.returncode}\n" + open(log + ".err").read()[-3000:])
 
@@ -88,8 +92,12 @@ class _Processes:
         self.kill()
 
 
-def _two_processes(procs, tmp, out, name, extra=()):
+def _two_processes(procs, tmp, out, name, extra=(), sigterm=None):
+    """``sigterm``: (process, exchange): that process sends itself SIGTERM after its Nth step's
+    stop-flag exchange (tests/_distributed_train.py)."""
     port = _free_port()
+    if sigterm is not None:
+        procs = _Processes(dict(procs.env, M2F_TEST_SIGTERM="%d:%d" % sigterm), procs.started)
     return [(procs.start(2, TRAIN + ["--data", tmp["data"], "--init", tmp["init"], "--out", out, "--coordinator-address",
                                      f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(p),
                                      "--distributed-timeout", "60", *extra], os.path.join(tmp["logs"], f"{name}{p}")),
@@ -141,10 +149,16 @@ def runs(tmp_path_factory):
         killed[0][0].wait()
         steps_before = sorted(int(s) for s in os.listdir(os.path.dirname(second)) if s.isdigit())
         flip_64_bytes(largest_file(os.path.join(second, "state")))
-        resumed = _two_processes(procs, tmp, outs["killed"], "resumed", ["--resume"])
-        procs.run(resumed)
-        resumed_err = open(os.path.join(tmp["logs"], "resumed0.err")).read()
-    return {"outs": outs, "steps_before": steps_before, "resumed_err": resumed_err}
+        # resumed from step 1 with no checkpoint due at step 2; process 1 is preempted during
+        # step 2 (SIGTERM after its first stop-flag exchange): both stop after step 2 and save it
+        resumed = _two_processes(procs, tmp, outs["killed"], "resumed", ["--resume", "--save-every", "3"],
+                                 sigterm=(1, 1))
+        procs.run(resumed, status=128 + signal.SIGTERM)
+        steps_stopped = sorted(int(s) for s in os.listdir(os.path.dirname(second)) if s.isdigit())
+        finished = _two_processes(procs, tmp, outs["killed"], "finished", ["--resume"])
+        procs.run(finished)
+        err = {name: open(os.path.join(tmp["logs"], f"{name}0.err")).read() for name in ("resumed", "finished")}
+    return {"outs": outs, "steps_before": steps_before, "steps_stopped": steps_stopped, "err": err}
 
 
 def test_two_processes_train_as_one_process_with_their_devices(runs):
@@ -158,12 +172,18 @@ def test_two_processes_train_as_one_process_with_their_devices(runs):
     assert apart <= 1e-3 * total, f"{apart} of {total} parameter elements differ by more than 1e-5"
 
 
-def test_a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_parameters(runs):
+def test_a_process_killed_or_preempted_resumes_to_the_uninterrupted_parameters(runs):
     assert runs["steps_before"] == [1, 2]  # killed mid-run, two checkpoints kept
     # both processes find step 2 damaged and resume from step 1, the newest intact one
-    assert "checkpoints/2 is damaged" in runs["resumed_err"] or "checkpoints/2 cannot be read" in runs["resumed_err"]
-    assert "resuming from step 1, the newest intact checkpoint" in runs["resumed_err"]
-    assert "resumed from step 1" in runs["resumed_err"]
+    resumed, finished = runs["err"]["resumed"], runs["err"]["finished"]
+    assert "checkpoints/2 is damaged" in resumed or "checkpoints/2 cannot be read" in resumed
+    assert "resuming from step 1, the newest intact checkpoint" in resumed
+    assert "resumed from step 1" in resumed
+    # SIGTERM on process 1 only: both ended with its status (checked when they were waited for)
+    # after step 2, which they saved though no checkpoint was due, and the last run went on from it
+    assert "SIGTERM: stopped after step 2, saved in" in resumed
+    assert runs["steps_stopped"] == [1, 2]
+    assert "resumed from step 2" in finished
     a, b = _params(runs["outs"]["killed"]), _params(runs["outs"]["two"])
     for key in b:  # the same program from the same state and input position: bit for bit on CPU
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

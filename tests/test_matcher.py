@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from m2f_jax.training.matcher import (
+from m2f_jax.modeling.matcher import (
     hungarian_assignment,
     hungarian_matcher,
     invert_matching,
@@ -127,7 +127,7 @@ def test_invert_matching_and_hf_indices_hand_made():
     np.testing.assert_array_equal(
         invert_matching(t2q, 5), [[2, -1, -1, -1, 0], [-1, -1, -1, -1, -1]]
     )
-    from m2f_jax.training.matcher import Matching
+    from m2f_jax.modeling.matcher import Matching
 
     (rows0, cols0), (rows1, cols1) = matching_to_indices(Matching(t2q, invert_matching(t2q, 5)))
     np.testing.assert_array_equal(rows0, [0, 4])  # sorted by query, as scipy returns them

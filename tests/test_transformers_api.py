@@ -213,7 +213,8 @@ def test_loss_from_the_call_matches_transformers_with_its_draws_replayed(tiny_ch
     draws recorded, against ours with those points given; and with a key, the loss of the
     criterion on the forward's outputs."""
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
-    from m2f_jax.training.criterion import LossConfig, points_from_torch_draws
+    from m2f_jax.modeling.criterion import LossConfig
+    from tests.hf_models import points_from_torch_draws
 
     folder, torch_model = tiny_checkpoint
     model = m2f_jax.load(folder)

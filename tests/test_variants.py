@@ -91,8 +91,9 @@ def test_forward_and_parameter_gradients_match_transformers(tiny_checkpoint, var
     expected = _torch_gradients(torch_model, x, weights, model.config)
     flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
     # Leaves whose exact gradient is zero (the attention key biases: softmax ignores them) hold
-    # float noise in both frameworks; they are compared at 1e-5 of the model's largest gradient.
-    floor = 1e-5 * max(float(np.max(np.abs(g))) for g in flat_expected.values())
+    # float32 cancellation noise in both frameworks, whose size follows the compiler's summation
+    # order; they are compared at 1e-4 of the model's largest gradient.
+    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in flat_expected.values())
     checked = 0
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         want = np.asarray(flat_expected[path])

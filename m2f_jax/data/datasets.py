@@ -252,3 +252,25 @@ class CocoInstanceDataset(_CocoBase):
         return {"image": image, "masks": masks, "class_ids": class_ids,
                 "image_id": info["id"], "file_name": info["file_name"],
                 "num_crowd": len(self.annotations[info["id"]]) - len(annotations)}
+
+
+FORMATS = ("semantic", "panoptic", "instance")
+
+
+def open_dataset(root: str, fmt: str, split: str):
+    """The dataset of ``fmt`` (one of FORMATS) at ``root``, split ``split``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}.")
+    if fmt == "semantic":
+        return SemanticDataset(root, split)
+    if fmt == "panoptic":
+        return CocoPanopticDataset(root, split)
+    return CocoInstanceDataset(root, split)
+
+
+def semantic_target(masks: np.ndarray, class_ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Binary masks + classes -> one label map; pixels in no mask are ignore_index."""
+    target = np.full(masks.shape[1:], ignore_index, np.int64)
+    for m, c in zip(masks, class_ids):
+        target[m] = c
+    return target

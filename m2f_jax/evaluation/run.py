@@ -24,7 +24,7 @@ def evaluate(model, dataset, task: str = "semantic", fmt: Optional[str] = None,
     from m2f_jax.evaluation.semantic import SemanticEvaluator
     from m2f_jax.inference import iter_segment
     from m2f_jax.progress import write_progress
-    from m2f_jax.training.run import semantic_target
+    from m2f_jax.data.datasets import semantic_target
 
     num_labels = model.config.num_labels
     count = len(dataset) if max_images is None else min(len(dataset), max_images)

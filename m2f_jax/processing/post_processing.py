@@ -92,6 +92,10 @@ MASK_STRIDE = 4  # mask logits are at 1/4 of the (padded) model input resolution
 _MASK_SCORE_SLACK = 1e-4
 
 
+class NonFiniteLogitsError(ValueError):
+    """The outputs hold NaN or infinite logits (a diverged model, a bf16 overflow): no map to make."""
+
+
 class SemanticSegmentationOutput(dict):
     """`{"segmentation": (H, W) int64, "segmentation_scores": (K, H, W) float32}`, also readable
     as attributes (like transformers' `SemanticSegmentationPostProcessorOutput`)."""
@@ -142,7 +146,7 @@ def _read_logits(outputs) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"the outputs hold no queries: class_queries_logits has shape {class_logits.shape}")
     for name, logits in zip(keys, (class_logits, mask_logits)):
         if not np.isfinite(logits).all():
-            raise ValueError(
+            raise NonFiniteLogitsError(
                 f"{name} holds {int(np.isnan(logits).sum())} NaN and {int(np.isinf(logits).sum())} infinite "
                 "values; post-processing needs finite logits (a diverged model or a bf16 overflow?)"
             )

@@ -17,8 +17,6 @@ import numpy as np
 
 from m2f_jax.progress import write_progress
 
-FORMATS = ("semantic", "panoptic", "instance")
-
 # Model geometries to start from scratch. "tiny" is the embedded default's geometry.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(
@@ -72,18 +70,6 @@ class TrainArgs:
     distributed_timeout: int = 300  # seconds to wait for every process to join
 
 
-def open_dataset(root: str, fmt: str, split: str):
-    from m2f_jax.data import datasets
-
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}.")
-    if fmt == "semantic":
-        return datasets.SemanticDataset(root, split)
-    if fmt == "panoptic":
-        return datasets.CocoPanopticDataset(root, split)
-    return datasets.CocoInstanceDataset(root, split)
-
-
 def initial_model(init: str, id2label: Dict[int, str], seed: int):
     """(config, params): a preset or a config.json from scratch, or a checkpoint to fine-tune
     (its class head is re-initialised when the dataset's labels differ)."""
@@ -100,9 +86,9 @@ def initial_model(init: str, id2label: Dict[int, str], seed: int):
         with open(init) as f:
             config = Mask2FormerConfig.from_dict(dict(json.load(f), id2label=id2label, label2id=None))
     elif os.path.isdir(init) or "/" in init:
-        import m2f_jax
+        from m2f_jax.hub import load
 
-        loaded = m2f_jax.load(init)
+        loaded = load(init)
         config, params = loaded.config, jax.tree_util.tree_map(np.asarray, loaded.params)
         if config.id2label != id2label:
             config = Mask2FormerConfig.from_dict(dict(config.to_dict(), id2label=id2label, label2id=None))
@@ -125,41 +111,22 @@ def initial_model(init: str, id2label: Dict[int, str], seed: int):
     return config, module, params
 
 
-def semantic_target(masks: np.ndarray, class_ids: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """Binary masks + classes -> one label map; pixels in no mask are ignore_index."""
-    target = np.full(masks.shape[1:], ignore_index, np.int64)
-    for m, c in zip(masks, class_ids):
-        target[m] = c
-    return target
+def validate(model, params, dataset) -> Dict[str, float]:
+    """Validation: ``m2f-jax eval``'s semantic metrics (mIoU, fwIoU, mACC, pACC, detectron2's
+    definitions) of ``model`` (a ``m2f_jax.Mask2Former`` with the processor the run exports) with
+    ``params`` on ``dataset``, so that the exported checkpoint scores what the run logged. NaN
+    when the model's logits are not finite (a diverged run: no map to score)."""
+    import jax
+    import jax.numpy as jnp
 
+    from m2f_jax.evaluation.run import evaluate
+    from m2f_jax.processing.post_processing import NonFiniteLogitsError
 
-def validate(forward, params, dataset, size, num_labels: int, max_images: Optional[int] = None) -> Dict[str, float]:
-    """mIoU (detectron2's definition) of the semantic post-processing on a dataset split."""
-    from m2f_jax.data.augment import EvalTransform
-    from m2f_jax.evaluation.semantic import SemanticEvaluator
-    from m2f_jax.processing.post_processing import post_process_semantic_segmentation
-
-    transform = EvalTransform(size)
-    evaluator = SemanticEvaluator(num_labels, ignore_index=255)
-    count = len(dataset) if max_images is None else min(len(dataset), max_images)
-    for i in range(count):
-        example = dataset[i]
-        item = transform(example)
-        mask = item["pixel_mask"]
-        valid = (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
-        out = forward(params, item["pixel_values"][None])
-        logits = {"class_queries_logits": np.asarray(out.class_queries_logits),
-                  "masks_queries_logits": np.asarray(out.masks_queries_logits)}
-        if not all(np.isfinite(v).all() for v in logits.values()):
-            # a diverged model: no map to score (post-processing refuses non-finite logits)
-            return {"mIoU": float("nan"), "pACC": float("nan")}
-        pred = post_process_semantic_segmentation(
-            logits, target_sizes=[example["image"].shape[:2]], valid_sizes=[valid],
-            padded_size=tuple(transform.output_size),
-        )[0]
-        evaluator.update(np.asarray(pred), semantic_target(example["masks"], example["class_ids"]))
-    result = evaluator.compute()
-    return {"mIoU": float(result["mIoU"]), "pACC": float(result["pACC"])}
+    model.params = jax.tree_util.tree_map(jnp.asarray, params)
+    try:
+        return evaluate(model, dataset, task="semantic", progress=False)
+    except NonFiniteLogitsError:
+        return {k: float("nan") for k in ("mIoU", "fwIoU", "mACC", "pACC")}
 
 
 def nonfinite_note(step: int, metrics: Dict[str, float]) -> Optional[str]:
@@ -218,11 +185,12 @@ def train(args: TrainArgs) -> Dict[str, Any]:
                            auto=args.distributed, timeout_s=args.distributed_timeout)
     from convert.folders import save_hf_folder
     from m2f_jax.data.augment import TrainTransform
-    from m2f_jax.data.datasets import DataError
+    from m2f_jax.data.datasets import DataError, open_dataset
     from m2f_jax.data.pipeline import BatchIterator
+    from m2f_jax.hub import Mask2Former
+    from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
-    from m2f_jax.training.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_sharded_train_step
 
@@ -244,7 +212,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     )
     state = distributed.replicate(TrainState.create(params, optimizer.tx, args.seed), mesh)
     step_fn = make_sharded_train_step(module, LossConfig.from_config(config), optimizer, mesh)
-    forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
 
     os.makedirs(args.out, exist_ok=True)
     manager = CheckpointManager(os.path.join(args.out, "checkpoints"), save_every=args.save_every, keep=args.keep)
@@ -278,8 +245,17 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     def save(step, position, force):
         return manager.save(step, state, {"data": position, "config": config.to_dict()}, data=position, force=force)
 
+    # the processor the export gets: validation scores what `m2f-jax eval` of the export gives
+    processor = Mask2FormerImageProcessor(size={"height": val_size, "width": val_size}, size_divisor=0,
+                                          ignore_index=255)
+    val_model = None
+
     def validation(params):
-        return validate(forward, distributed.local_copy(params), val_set, val_size, config.num_labels)
+        nonlocal val_model
+        params = distributed.local_copy(params)
+        if val_model is None:
+            val_model = Mask2Former(config, params, processor=processor)
+        return validate(val_model, params, val_set)
 
     step = int(distributed.local_copy(state.step))
     flags = {"stop": [], "data_error": []}
@@ -354,8 +330,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     export = os.path.join(args.out, "hf") if primary else None
     if primary:
         save_hf_folder(jax.tree_util.tree_map(np.asarray, distributed.local_copy(state.params)), config, export)
-        Mask2FormerImageProcessor(
-            size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
-        ).save_pretrained(export)
+        processor.save_pretrained(export)
     return {"step": step, "train": last, "val": val_metrics, "val_initial": val_initial,
             "export": export, "log": log_path, "nonfinite_steps": nonfinite_steps, "stopped": None}

@@ -48,7 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m2f_jax.modeling import variants
-from m2f_jax.training.criterion import LossConfig, mask2former_loss
+from m2f_jax.modeling.criterion import LossConfig, mask2former_loss
 from m2f_jax.training.optimizer import Optimizer
 
 BATCH_KEYS = ("pixel_values", "mask_labels", "class_labels", "label_valid")
@@ -102,9 +102,8 @@ class TrainState:
 # XLA:CPU compile options for the train step (see train_compiler_options).
 CPU_TRAIN_COMPILER_OPTIONS = {
     # YNNPACK, XLA:CPU's kernel library, keeps the matmuls and convolutions but not the
-    # reductions. Its reduce fusions ran some backward reductions (softmax, LayerNorm) 10-100x
-    # slower than XLA's own loops (e.g. 56-236 ms for one (2, 8, 100, 2304) softmax-backward sum
-    # of the masked cross-attention), and they hold their operands in memory where XLA fuses them.
+    # reductions: its reduce fusions run the backward reductions (softmax, LayerNorm) far slower
+    # than XLA's own loops, and hold their operands in memory where XLA fuses them.
     "xla_cpu_experimental_ynn_fusion_type": (
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     ),
@@ -187,8 +186,8 @@ def _per_example_numerators(module, cfg: LossConfig, params, example, key):
     return numerators, num_targets, ce_weight_sum
 
 
-# Crops below this many pixels keep one chain: the gain was measured at 384x384, and each chain
-# is compiled (small crops, as in the tests, mostly pay compile time).
+# Crops below this many pixels keep one chain: each chain is compiled, and small crops (as in the
+# tests) gain less from a second core than they pay in compile time.
 MIN_PIXELS_PER_CHAIN = 256 * 256
 
 
@@ -200,9 +199,8 @@ def default_example_groups(
     ``vmap`` over the whole batch).
 
     XLA:CPU runs many of the step's ops (transposes, gathers, some reductions) on one thread;
-    two independent chains let its executor run one example's op on each core. Measured on the
-    Swin-T step (384x384, batch 2, 2 cores, one process, 5 alternations): median 7.37 s with one
-    chain, 6.04 s with two; compile 56 -> 92 s.
+    two independent chains let its executor run one example's op on each core, at the price of a
+    longer compile (benchmarks/README.md has the figures).
     """
     platform = platform or jax.default_backend()
     if platform != "cpu" or image_size[0] * image_size[1] < MIN_PIXELS_PER_CHAIN:

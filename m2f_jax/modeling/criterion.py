@@ -21,7 +21,7 @@ Static shapes: targets are padded to M slots per image (``label_valid`` marks th
 mask terms are computed for all B*M slots and the unmatched ones are masked out.
 
 Randomness comes from ``key``, or from ``given_points`` to replay transformers' ``torch.rand``
-draws exactly (see :func:`points_from_torch_draws`). ``given_points`` is a sequence with one dict
+draws exactly (the parity tests build them from recorded draws: tests/hf_models.py). ``given_points`` is a sequence with one dict
 per prediction level, in transformers' draw order (final prediction first, then auxiliary 0, 1,
 ...)::
 
@@ -41,12 +41,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling import variants
 from m2f_jax.modeling.deformable import sample_maps, sample_points
-from m2f_jax.training.matcher import Matching, _check_matcher_inputs, checked_label_valid, hungarian_matcher
+from m2f_jax.modeling.matcher import Matching, _check_matcher_inputs, checked_label_valid, hungarian_matcher
 
 PREDICTION_KEYS = ("class_queries_logits", "masks_queries_logits")
 # transformers' list of per-level dicts, or one dict of arrays stacked on a leading level axis.
@@ -478,34 +477,3 @@ def mask2former_loss(
         return losses, matchings
     return losses
 
-
-def points_from_torch_draws(
-    draws: Sequence[Any],
-    batch_size: int,
-    num_levels: int,
-    config: Union[LossConfig, Mask2FormerConfig],
-) -> list:
-    """transformers' recorded ``torch.rand`` outputs, in call order -> ``given_points``.
-
-    Per level transformers draws ``batch_size`` x (1, P, 2) for the matcher, then (R, Ps, 2) and,
-    when P - k > 0, (R, P - k, 2) for the mask losses.
-    """
-    cfg = config if isinstance(config, LossConfig) else LossConfig.from_config(config)
-    per_level = batch_size + (2 if cfg.num_random_points > 0 else 1)
-    if len(draws) != per_level * num_levels:
-        raise ValueError(
-            f"expected {per_level} draws per level x {num_levels} levels = "
-            f"{per_level * num_levels}, got {len(draws)}."
-        )
-    out = []
-    for level in range(num_levels):
-        level_draws = draws[level * per_level : (level + 1) * per_level]
-        chunk = [np.asarray(d, np.float32) for d in level_draws]
-        entry = {
-            "matcher": np.concatenate(chunk[:batch_size], axis=0),
-            "oversampled": chunk[batch_size],
-        }
-        if cfg.num_random_points > 0:
-            entry["random"] = chunk[batch_size + 1]
-        out.append(entry)
-    return out
