@@ -165,6 +165,15 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
     targets = _flatten(dict(target_shapes))
     filled: Dict[Tuple[str, ...], np.ndarray] = {}
     unexpected, misshaped = [], []
+    # per mis-shaped checkpoint key, its two shapes (the error's first line) and the leaves it
+    # left unfilled (not counted again as missing there)
+    shape_errors: Dict[str, str] = {}
+    misshaped_paths = set()
+
+    def wrong_shape(source, paths, got, expected, detail):
+        misshaped.append(f"{source}: checkpoint {got}, expected {expected}{detail}")
+        shape_errors.setdefault(source, f"{source} has shape {got} in the checkpoint, the model expects {expected}")
+        misshaped_paths.update(paths)
 
     def put(path, value, source, layout=None):
         """``layout``: (to ours, back to the checkpoint's) axis permutation of this weight."""
@@ -176,8 +185,7 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
         if ours != want:
             # both shapes in the checkpoint's own layout (what its author sees)
             expected = want if layout is None else tuple(want[i] for i in layout[1])
-            misshaped.append(f"{source}: checkpoint {tuple(value.shape)}, expected {expected} "
-                             f"(for {'/'.join(path)} {want})")
+            wrong_shape(source, [path], tuple(value.shape), expected, f" (for {'/'.join(path)} {want})")
             return
         filled[path] = np.asarray(value if layout is None else value.transpose(layout[0]), dtype=np.float32)
 
@@ -188,14 +196,17 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
         value = np.asarray(raw_value)
         mod, leaf = module_path(key)
         if leaf in ("in_proj_weight", "in_proj_bias"):
-            if value.shape[0] % 3:
-                misshaped.append(f"{raw_key}: {value.shape} is not three stacked q/k/v projections")
-                continue
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
-                if leaf == "in_proj_weight":
-                    put(mod + (name, "kernel"), part, raw_key, _LINEAR)
-                else:
-                    put(mod + (name, "bias"), part, raw_key)
+            kind = "kernel" if leaf == "in_proj_weight" else "bias"
+            paths = [mod + (name, kind) for name in ("q_proj", "k_proj", "v_proj")]
+            if paths[0] in targets:
+                # q, k and v stacked on the rows, each [out, in] (Linear's layout)
+                one = tuple(targets[paths[0]].shape)[::-1]
+                expected = (3 * one[0],) + one[1:]
+                if tuple(value.shape) != expected:
+                    wrong_shape(raw_key, paths, tuple(value.shape), expected, " (q, k and v projections stacked)")
+                    continue
+            for path, part in zip(paths, np.split(value, 3, axis=0) if value.shape[0] % 3 == 0 else [value] * 3):
+                put(path, part, raw_key, _LINEAR if kind == "kernel" else None)
             continue
         if leaf == "weight":
             if mod + ("kernel",) in targets:
@@ -211,7 +222,8 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
 
     missing = [p for p in targets if p not in filled]
     if missing or unexpected or misshaped:
-        lines = ["The checkpoint does not match the model configuration."]
+        lines = [_first_problem([p for p in missing if p not in misshaped_paths], list(dict.fromkeys(unexpected)),
+                                list(shape_errors.values()))]
         if missing:
             lines.append(f"Missing ({len(missing)}): the model needs these, the checkpoint lacks them:")
             lines += [f"  {_hf_leaf_name(p)}  (Flax {'/'.join(p)})" for p in missing]
@@ -223,6 +235,22 @@ def hf_to_flax(state_dict: Dict[str, np.ndarray], target_shapes) -> dict:
             lines += [f"  {m}" for m in misshaped]
         raise ConversionError("\n".join(lines))
     return _unflatten(filled)
+
+
+def _first_problem(missing, unexpected, misshaped) -> str:
+    """The error's first line, which the command line prints alone: the first offending key and
+    how many other problems the listing below it holds (each checkpoint key or model weight
+    counted once). A wrong shape comes first: it points at the setting of the configuration that
+    differs, where a missing or unexpected key only says that one does."""
+    if misshaped:
+        first = misshaped[0]
+    elif missing:
+        first = f"{_hf_leaf_name(missing[0])} is missing from the checkpoint"
+    else:
+        first = f"{unexpected[0]} is in the checkpoint but unknown to the model"
+    others = len(missing) + len(unexpected) + len(misshaped) - 1
+    more = f"and {others} other problem{'s' if others != 1 else ''}" if others else "no other problem"
+    return f"The checkpoint does not match the model configuration: {first} ({more})."
 
 
 def flax_to_hf(params, disk_layout: bool = True) -> Dict[str, np.ndarray]:

@@ -171,18 +171,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def train_args(args):
+    """The ``TrainArgs`` of parsed ``train`` arguments."""
+    from m2f_jax.training.run import TrainArgs
+
+    fields = {f for f in TrainArgs.__dataclass_fields__}
+    return TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def cmd_train(args) -> int:
     from m2f_jax.data.datasets import DataError
     from m2f_jax.training.checkpoint import DamagedCheckpointError
     from m2f_jax.training.distributed import DistributedError
-    from m2f_jax.training.run import TrainArgs, train
+    from m2f_jax.training.run import InitError, train
 
-    fields = {f for f in TrainArgs.__dataclass_fields__}
-    targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+    targs = train_args(args)
     _writable_folder(targs.out)
     try:
         summary = train(targs)
-    except (FileNotFoundError, DamagedCheckpointError, DataError, DistributedError) as e:
+    except (FileNotFoundError, DamagedCheckpointError, DataError, DistributedError, InitError) as e:
         raise UserError(str(e)) from e
     print(json.dumps({k: summary[k] for k in ("step", "val_initial", "val", "export", "stopped")}))
     if summary["stopped"] is not None:  # the shell's status for a process ended by that signal
@@ -237,6 +244,16 @@ def cmd_smoke(args) -> int:
     return smoke(args.size, args.repeats)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2f-jax", description="Mask2Former in JAX: segment, evaluate, train, convert.")
     sub = parser.add_subparsers(dest="command")
@@ -285,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--val-size", type=_positive_int, default=None,
+                   help="validation and the exported processor resize images to VAL_SIZE x VAL_SIZE "
+                        "(default: --crop)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="runs/m2f")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

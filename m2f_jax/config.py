@@ -14,6 +14,11 @@ from typing import Any, Dict, Optional, Tuple
 
 CONFIG_NAME = "config.json"
 
+# The activations m2f_jax.modeling.activations implements, by transformers' ACT2FN names, for
+# Swin's `hidden_act` and the decoder's `activation_function`. Kept here, jax-free, so that
+# validating a config imports no jax; the table of functions is built from this tuple.
+ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
 # transformers' `attribute_map`: aliases accepted when reading.
 _M2F_ALIASES = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
 
@@ -255,8 +260,10 @@ class Mask2FormerConfig:
                 raise ValueError(f"Swin {name}: dim {dim} not divisible by num_heads {heads}.")
         if self.decoder_layers < 1:
             raise ValueError(f"decoder_layers must be >= 1, got {self.decoder_layers}.")
-        if self.activation_function not in ("relu", "gelu", "gelu_new", "silu", "swish"):
-            raise ValueError(f"activation_function {self.activation_function!r} is not supported.")
+        for option, name in (("activation_function", self.activation_function),
+                             ("backbone_config.hidden_act", bb.hidden_act)):
+            if name not in ACTIVATION_NAMES:
+                raise ValueError(f"{option} {name!r} is not supported; use one of {sorted(ACTIVATION_NAMES)}.")
 
     # -- HF config.json ---------------------------------------------------------------------
     @classmethod

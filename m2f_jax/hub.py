@@ -162,7 +162,8 @@ class Mask2Former:
 
     def sharded_call(self, pixel_values, mesh):
         """The forward with the batch split over ``mesh``'s one axis (its size must divide the
-        batch) and the parameters replicated on it (once per mesh); outputs are sharded alike."""
+        batch) and the parameters replicated on it (once per mesh and weights: assigning
+        ``model.params`` replicates the new ones at the next call); outputs are sharded alike."""
         from jax.sharding import NamedSharding, PartitionSpec
 
         from m2f_jax.modeling.mask2former import check_pixel_values
@@ -172,11 +173,25 @@ class Mask2Former:
         if pixel_values.shape[0] % mesh.shape[axis]:
             raise ValueError(f"the batch ({pixel_values.shape[0]}) must divide over the mesh's "
                              f"{mesh.shape[axis]} devices.")
-        replicated = self.__dict__.setdefault("_replicated", {})
-        if mesh not in replicated:
-            replicated[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
         batch = jax.device_put(jnp.asarray(pixel_values), NamedSharding(mesh, PartitionSpec(axis)))
-        return self._forward(replicated[mesh], batch, False, False, False)
+        return self._forward(self._replicated_params(mesh), batch, False, False, False)
+
+    def _replicated_params(self, mesh):
+        """``self.params`` replicated on ``mesh``, made once per mesh and weights. A copy is reused
+        only while every leaf of ``self.params`` is the very array it was made from, so assigning
+        ``model.params`` (as training's validation does) or replacing a leaf in place costs one
+        replication at the next call, and a copy made from buffers that have since been donated
+        (a train step's state) is never read."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        leaves = jax.tree_util.tree_leaves(self.params)
+        sources, kept = self.__dict__.get("_replicated", ((), {}))
+        if len(sources) != len(leaves) or any(a is not b for a, b in zip(sources, leaves)):
+            kept = {}  # other weights: their copies go now, on every mesh
+            self._replicated = (leaves, kept)
+        if mesh not in kept:
+            kept[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        return kept[mesh]
 
     def __repr__(self):
         bb = self.config.backbone_config
@@ -232,7 +247,7 @@ class Mask2FormerModel(Mask2Former):
     def _make_module(config, dtype, variant, precision):
         from m2f_jax.modeling.mask2former import Mask2FormerModel as BareModule
 
-        return BareModule(config, dtype=dtype)
+        return BareModule(config, dtype=dtype, variant=variant, precision=precision)
 
     @staticmethod
     def _checkpoint_params(params):

@@ -143,21 +143,36 @@ def _label_name(label_id: int, id2label) -> str:
     return str(label_id)
 
 
+def _semantic_segments(seg_map: np.ndarray, ignore_index) -> list[dict]:
+    present = np.unique(seg_map)
+    # Class ids are never negative, so negative values can only mean "no class" (ignored too).
+    present = present[present >= 0]
+    if ignore_index is not None:
+        present = present[present != ignore_index]
+    return [{"id": int(c), "label_id": int(c), "label": None, "score": None} for c in present]
+
+
 def _segments(result, ignore_index) -> tuple[np.ndarray, list[dict]]:
-    """The id map and one {"id", "label_id", "text"} per segment to draw.
+    """The id map and one {"id", "label_id", "label", "score"} per segment to draw.
 
     A semantic map becomes one segment per class present, its id the class id."""
     if isinstance(result, Mapping):
         if "segmentation" not in result:
             raise KeyError(
-                "the result has no 'segmentation' key (expected a post-processing result dict "
-                f"with 'segmentation' and 'segments_info', or a semantic map); keys: {sorted(result)}"
+                "the result has no 'segmentation' key (expected one image's result: a dict with "
+                "'segmentation' and 'segments_info' (post-processing) or 'segments' "
+                f"(m2f_jax.segment), or a semantic (H, W) map); keys: {sorted(map(str, result))}"
             )
         seg_map = _integer_map(result["segmentation"])
+        # post_process_* name the list `segments_info`, m2f_jax.segment names it `segments`.
+        key = next((k for k in ("segments_info", "segments") if k in result), None)
+        if key is None:
+            # e.g. post_process_semantic_segmentation(..., return_segmentation_scores=True)
+            return seg_map, _semantic_segments(seg_map, ignore_index)
         segments = []
-        for info in result.get("segments_info") or []:
-            if "id" not in info or "label_id" not in info:
-                raise ValueError(f"each segments_info entry needs 'id' and 'label_id', got {info!r}")
+        for info in result[key] or []:
+            if not isinstance(info, Mapping) or "id" not in info or "label_id" not in info:
+                raise ValueError(f"each {key} entry needs 'id' and 'label_id', got {info!r}")
             segments.append({
                 "id": int(info["id"]),
                 "label_id": int(info["label_id"]),
@@ -168,12 +183,7 @@ def _segments(result, ignore_index) -> tuple[np.ndarray, list[dict]]:
     if isinstance(result, (list, tuple)) and result and isinstance(result[0], Mapping):
         raise TypeError("pass one image's result (e.g. results[0]), not the list for the batch")
     seg_map = _integer_map(result)
-    present = np.unique(seg_map)
-    # Class ids are never negative, so negative values can only mean "no class" (ignored too).
-    present = present[present >= 0]
-    if ignore_index is not None:
-        present = present[present != ignore_index]
-    return seg_map, [{"id": int(c), "label_id": int(c), "label": None, "score": None} for c in present]
+    return seg_map, _semantic_segments(seg_map, ignore_index)
 
 
 def _shift_reduce(index_map: np.ndarray, radius: int, reduce) -> np.ndarray:
@@ -245,11 +255,13 @@ def overlay(
     Args:
         image: PIL image (any mode) or uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
             The output is RGB, or RGBA with the input's alpha channel kept unchanged.
-        result: one image's post-processing result, a dict with `segmentation` (H, W) ids and
-            `segments_info` ({"id", "label_id", "score"[, "label"]} each); pixels whose id has no
-            entry (0 panoptic, -1 instance) are background. Or a semantic (H, W) map of class
-            ids, where each class present is one segment without a score. A map of another size
-            than the image is resized to it with nearest-neighbour sampling (pixel centres).
+        result: one image's result, a dict with `segmentation` (H, W) ids and its segments
+            ({"id", "label_id", "score"[, "label"]} each) under `segments_info` (post-processing)
+            or `segments` (`m2f_jax.segment`); pixels whose id has no entry (0 panoptic, -1
+            instance) are background. A dict with `segmentation` and neither list (e.g. with
+            `segmentation_scores`), or a bare (H, W) array, is a semantic map of class ids: each
+            class present is one segment without a score. A map of another size than the image
+            is resized to it with nearest-neighbour sampling (pixel centres).
         id2label: label names by label id (int or str keys, e.g. `config.id2label`); an entry's
             own "label" wins; without either the label id is shown.
         alpha: segment colour weight in the fill, `image * (1 - alpha) + colour * alpha`.

@@ -49,7 +49,8 @@ def jax_gradients(batch, id2label, seed: int):
     key = jax.random.fold_in(jax.random.key(seed), 0)  # the train step's key of step 0
 
     def loss(p, b):
-        return sum(global_batch_losses(module, loss_config, p, b, key).values())
+        losses = global_batch_losses(module, loss_config, p, b, key)
+        return sum(v for name, v in losses.items() if name.startswith("loss"))
 
     grads = jax.jit(jax.grad(loss))(params, batch)
     return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(g)

@@ -1,7 +1,10 @@
 """Run by tests/test_segment.py in a subprocess with 4 virtual CPU devices (XLA_FLAGS must be set
 before jax starts): ``python tests/_multidevice_segment.py CHECKPOINT OUT.npz`` segments five
 photos for each task on all 4 devices (batches of 4) and on the first device alone, and writes
-each map and its segment scores to OUT.npz as ``{task}/{devices}/{i}`` and ``.../scores``."""
+each map and its segment scores to OUT.npz as ``{task}/{devices}/{i}`` and ``.../scores``. Then it
+assigns other weights to ``model.params`` and segments again (``changed/{devices}/{i}``, semantic),
+and writes the logits of one ``sharded_call`` with them (``sharded/logits``, and the number of
+devices holding them, ``sharded/devices``) beside the one-device forward's (``single/logits``)."""
 import os
 import sys
 
@@ -28,6 +31,21 @@ def main(checkpoint: str, out: str) -> None:
             for i, result in enumerate(results):
                 arrays[f"{task}/{len(devices)}/{i}"] = result["segmentation"]
                 arrays[f"{task}/{len(devices)}/{i}/scores"] = np.array([s["score"] for s in result["segments"]])
+    # other weights, as training's validation assigns them: the 4-device call must not reuse the
+    # copy it replicated from the first ones
+    noise = jax.random.normal(jax.random.key(1), (len(jax.tree_util.tree_leaves(model.params)),))
+    model.params = jax.tree_util.tree_map(lambda x, n: x + 0.05 * n * np.std(np.asarray(x)), model.params,
+                                          jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(model.params),
+                                                                       list(noise)))
+    for devices in (jax.devices(), jax.devices()[:1]):
+        results = m2f_jax.segment(model, images, task="semantic", processor=processor, batch_size=4, devices=devices)
+        for i, result in enumerate(results):
+            arrays[f"changed/{len(devices)}/{i}"] = result["segmentation"]
+    pixels = processor(images[:4], return_tensors="np")["pixel_values"]
+    sharded = model.sharded_call(pixels, jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
+    arrays["sharded/devices"] = np.array(len(sharded.class_queries_logits.sharding.device_set))
+    arrays["sharded/logits"] = np.asarray(sharded.class_queries_logits)
+    arrays["single/logits"] = np.asarray(model(pixels).class_queries_logits)
     np.savez(out, **arrays)
 
 

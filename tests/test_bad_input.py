@@ -270,3 +270,74 @@ def test_eval_on_a_dataset_with_a_broken_image_is_one_line(tmp_path):
     r = _cli("eval", "--data", str(tmp_path / "data"), "--format", "semantic", "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and str(broken) in r.stderr and "is not a readable image" in r.stderr
+
+
+def _spoiled_checkpoint(tiny_checkpoint, tmp_path, changes):
+    """A copy of the tiny transformers checkpoint (save_pretrained) whose model.safetensors has
+    ``changes`` applied: name -> a new array, or None to delete the key."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy(tiny_checkpoint, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    for name, value in changes.items():
+        if value is None:
+            del state[name]
+        else:
+            state[name] = value
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+_FC1 = "model.transformer_module.decoder.layers.0.fc1.weight"  # Linear [out, in] = (32, 64)
+_IN_PROJ = "model.transformer_module.decoder.layers.0.cross_attn.in_proj_weight"  # q, k, v stacked: (192, 64)
+_PREFIX = "The checkpoint does not match the model configuration: "
+
+
+@pytest.mark.parametrize("command, changes, expected", [
+    ("segment", {_FC1: np.zeros((32, 65), np.float32)},
+     f"{_FC1} has shape (32, 65) in the checkpoint, the model expects (32, 64) (no other problem)."),
+    # one mis-shaped fused key is one problem, not the three q/k/v weights it leaves unfilled
+    ("eval", {_IN_PROJ: np.zeros((190, 64), np.float32), "class_predictor.bias": None},
+     f"{_IN_PROJ} has shape (190, 64) in the checkpoint, the model expects (192, 64) (and 1 other problem)."),
+    ("segment", {"class_predictor.bias": None, "model.extra.weight": np.zeros(3, np.float32)},
+     "class_predictor.bias is missing from the checkpoint (and 1 other problem)."),
+    ("train", {"model.extra.weight": np.zeros(3, np.float32)},
+     "model.extra.weight is in the checkpoint but unknown to the model (no other problem)."),
+], ids=["segment-shape", "eval-fused-shape", "segment-missing", "train-unexpected"])
+def test_a_checkpoint_that_does_not_fit_is_one_line_naming_the_first_key(
+        tiny_checkpoint, tmp_path, capsys, command, changes, expected):
+    """segment, eval and train --init: exit status 2 and one line with the first offending key
+    (a wrong shape first, with both shapes in the checkpoint's layout; else missing, else
+    unexpected) and the count of the other problems. The shapes are the tiny config's (hidden 64,
+    feed-forward 32, 4 labels)."""
+    from m2f_jax import cli
+
+    folder = _spoiled_checkpoint(tiny_checkpoint, tmp_path, changes)
+    if command == "train":
+        from m2f_jax.data.synthetic import write_dataset
+
+        write_dataset(str(tmp_path / "data"), num_train=2, num_val=1, image_size=(48, 48), formats=("semantic",))
+        argv = ["train", "--data", str(tmp_path / "data"), "--init", str(folder), "--out", str(tmp_path / "run")]
+        expected = f"--init {folder}: {_PREFIX}{expected}"
+    elif command == "eval":
+        argv = ["eval", "--data", str(tmp_path / "data"), "--format", "semantic", "--model", str(folder)]
+        expected = _PREFIX + expected
+    else:
+        argv = ["segment", str(tmp_path / "x.png"), "--model", str(folder), "--out", str(tmp_path / "out")]
+        expected = _PREFIX + expected
+    assert cli.main(argv + ["--no-compilation-cache"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {expected}"]
+
+
+def test_train_init_that_names_nothing_is_one_line(tmp_path, capsys):
+    from m2f_jax import cli
+    from m2f_jax.data.synthetic import write_dataset
+
+    write_dataset(str(tmp_path / "data"), num_train=2, num_val=1, image_size=(48, 48), formats=("semantic",))
+    for init, reason in [("nonsense", "neither a preset (tiny, swin-t), a config .json file, nor a checkpoint "
+                                      "folder / Hub id."),
+                         (str(tmp_path / "missing.json"), "no such config file.")]:
+        argv = ["train", "--data", str(tmp_path / "data"), "--init", init, "--out", str(tmp_path / "run"),
+                "--no-compilation-cache"]
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: --init {init}: {reason}"]

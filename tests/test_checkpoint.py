@@ -8,6 +8,7 @@ run costs a second, not a Mask2Former compile. Run as a script, this file is the
 of the crash test.
 """
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -212,8 +213,53 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
     assert int(restored.step) == 2 and extra == {"data_position": 2}
     for a, b in zip(_leaves(restored), _leaves(saved[2])):
         np.testing.assert_array_equal(a, b)
-    err = capfd.readouterr().err
-    assert f"{step4}" in err and "resuming from step 2" in err and "deleting the damaged step(s) 4" in err, err
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # one warning: the step skipped, why, the step resumed from
+    assert lines[0].startswith(f"warning: skipped checkpoint step(s) 4: {step4} "), lines
+    assert ("cannot be read" in lines[0]) != ("is damaged" in lines[0]), lines
+    assert lines[0].endswith("resuming from step 2, the newest intact checkpoint; deleting the damaged step(s) 4")
+
+
+def test_what_a_failing_restore_logs_and_prints_is_one_warning_line(tmp_path, capfd):
+    """Step 4's restore emits 2,000 lines through every route Orbax and TensorStore have to stderr
+    (absl and Python logging with tracebacks, sys.stderr, file descriptor 2 as C++ logs do) before
+    it fails: one warning line reaches stderr. Step 2's
+    restore writes one line to file descriptor 2, which is passed on."""
+    from absl import logging as absl_logging
+
+    reopen, saved, fresh = _two_checkpoints(tmp_path)
+    manager = reopen()
+    real_restore = manager._manager.restore
+
+    def noisy_restore(step, *args, **kwargs):
+        if step == 4:
+            for i in range(400):
+                try:
+                    raise OSError(f"tensorstore read {i} failed")
+                except OSError:
+                    absl_logging.exception("reading array %d", i)
+                    logging.getLogger("asyncio").exception("Task exception was never retrieved")
+            print("\n".join(["printed"] * 400), file=sys.stderr)
+            os.write(2, b"E0000 tensorstore: NOT_FOUND\n" * 400)
+            raise ValueError("Encountered error while reading array index\nmore details")
+        os.write(2, b"W0000 an intact step's notice\n")
+        return real_restore(step, *args, **kwargs)
+
+    manager._manager.restore = noisy_restore
+    restored, extra = manager.restore_latest(abstract_state(fresh))
+    manager.close()
+    assert int(restored.step) == 2 and extra == {"data_position": 2}
+    lines = capfd.readouterr().err.splitlines()
+    assert lines == [
+        "W0000 an intact step's notice",
+        f"warning: skipped checkpoint step(s) 4: {tmp_path / '4'} cannot be read (ValueError: Encountered error "
+        "while reading array index); resuming from step 2, the newest intact checkpoint; deleting the damaged "
+        "step(s) 4",
+    ], lines[:5]
+    assert logging.getLogger("absl").isEnabledFor(logging.WARNING) and sys.stderr is not None
+    os.write(2, b"fd 2 is back\n")
+    print("sys.stderr is back", file=sys.stderr)
+    assert capfd.readouterr().err.splitlines() == ["fd 2 is back", "sys.stderr is back"]
 
 
 def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):

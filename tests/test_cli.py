@@ -77,3 +77,26 @@ def test_segment_takes_folders_and_globs_and_reports_each_bad_input(tiny_checkpo
     assert written == ["a-2_panoptic.json", "a-2_panoptic.png", "a_panoptic.json", "a_panoptic.png",
                        "b_panoptic.json", "b_panoptic.png"]
     assert json.load(open(tmp_path / "out" / "a-2_panoptic.json"))["image"] == str(other / "a.png")
+
+
+def test_train_val_size_sets_the_validation_and_export_resize(capsys):
+    """``--val-size`` (README, "Training"): validation and the exported processor resize to
+    VAL_SIZE x VAL_SIZE, by default to the crop size; a size below 1 is a usage error naming it.
+    Oracle: the processed image's shape, known from the settings."""
+    from m2f_jax.cli import build_parser, train_args
+    from m2f_jax.training.run import validation_processor
+
+    parser = build_parser()
+    image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    for extra, side in ((["--val-size", "48"], 48), ([], 64)):
+        targs = train_args(parser.parse_args(["train", "--data", "d", "--crop", "64", *extra]))
+        assert targs.val_size == (48 if extra else None)
+        processor = validation_processor(targs, num_labels=5)
+        assert processor(images=[image], return_tensors="np")["pixel_values"].shape == (1, side, side, 3)
+    try:
+        parser.parse_args(["train", "--data", "d", "--val-size", "0"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--val-size 0 was accepted")
+    assert "--val-size: expected a positive integer, got '0'" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import json
 import pytest
 import transformers
 
-from m2f_jax.config import Mask2FormerConfig, SwinConfig
+from m2f_jax.config import ACTIVATION_NAMES, Mask2FormerConfig, SwinConfig
 from tests import TORCH_REASON
 
 
@@ -57,6 +57,47 @@ def test_reads_transformers_written_config_with_aliases_and_legacy_keys():
 )
 def test_invalid_configs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        Mask2FormerConfig(**kwargs)
+
+
+_FOUR_STAGES = dict(model_type="swin", out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+@pytest.mark.parametrize("name", ACTIVATION_NAMES)
+def test_config_accepts_every_activation_the_model_implements(name):
+    """One tuple of names for validation and the table (gelu_pytorch_tanh was rejected by
+    validate though the table had it); each is a name transformers' configs accept too."""
+    from m2f_jax.modeling.activations import ACTIVATIONS, activation
+
+    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+    config = Mask2FormerConfig(activation_function=name, backbone_config=dict(_FOUR_STAGES, hidden_act=name))
+    assert config.activation_function == config.backbone_config.hidden_act == name
+    assert activation(name, "hidden_act") is ACTIVATIONS[name]
+    theirs = transformers.Mask2FormerConfig(activation_function=name,
+                                            backbone_config=transformers.SwinConfig(hidden_act=name))
+    assert theirs.activation_function == theirs.backbone_config.hidden_act == name
+
+
+def test_activations_match_transformers_act2fn_fp32_atol_1e6():
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    import numpy as np
+    from transformers.activations import ACT2FN
+
+    from m2f_jax.modeling.activations import ACTIVATIONS
+
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    for name in ACTIVATION_NAMES:
+        expected = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(ACTIVATIONS[name](x)), expected, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("field", ["activation_function", "hidden_act"])
+def test_unsupported_activation_names_the_option_and_the_supported_names(field):
+    kwargs = {"backbone_config": dict(_FOUR_STAGES, hidden_act="mish")} if field == "hidden_act" else {
+        "activation_function": "mish", "backbone_config": dict(_FOUR_STAGES)}
+    option = "backbone_config.hidden_act" if field == "hidden_act" else field
+    with pytest.raises(ValueError, match=rf"{option} 'mish' is not supported; use one of \['gelu', "
+                                         r"'gelu_new', 'gelu_pytorch_tanh', 'relu', 'silu', 'swish'\]"):
         Mask2FormerConfig(**kwargs)
 
 

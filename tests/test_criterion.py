@@ -161,7 +161,7 @@ def test_loss_matches_transformers_replayed_draws_rtol_1e4(counts, variant):
         for (rows, cols), (hf_rows, hf_cols) in pairs:
             np.testing.assert_array_equal(rows, hf_rows)
             np.testing.assert_array_equal(cols, hf_cols)
-    assert set(ours) == set(hf_losses) | {"loss"}
+    assert set(ours) == set(hf_losses) | {"loss", "invalid_labels"} and int(ours["invalid_labels"]) == 0
     assert len(hf_losses) == 3 * (1 + NUM_AUX)
     for name, value in hf_losses.items():
         np.testing.assert_allclose(float(ours[name]), value, rtol=1e-4, atol=1e-7, err_msg=name)
@@ -272,3 +272,136 @@ def test_top_k_indices_selects_what_lax_top_k_selects_ties_included():
         for k in sorted({1, 3, values.shape[1] // 4, values.shape[1] - 1, values.shape[1]}):
             expected = np.sort(np.asarray(jax.lax.top_k(values, k)[1]), axis=-1)
             np.testing.assert_array_equal(np.asarray(top_k_indices(values, k)), expected)
+
+
+# --- class labels outside [0, num_labels) ---------------------------------------------------------
+
+
+def _with_label(class_labels, image, slot, label):
+    labels = np.array(class_labels)
+    labels[image, slot] = label
+    return labels
+
+
+@pytest.mark.parametrize("bad", [-1, NUM_LABELS, 7])
+def test_out_of_range_class_label_is_a_value_error_naming_it_and_the_range(bad):
+    """Concrete labels (numpy or jax arrays): -1, num_labels ("no object") and 7 in a valid slot
+    are errors (transformers: -1 and num_labels give a finite loss, 7 NaN)."""
+    final, aux, mask_labels, class_labels, valid = _random_case(0, (3, 1))
+    labels = _with_label(class_labels, 1, 0, bad)
+    expected = rf"class label {bad} outside \[0, num_labels={NUM_LABELS}\) \(image 1, target slot 0"
+    for given in (labels, jnp.asarray(labels)):
+        with pytest.raises(ValueError, match=expected):
+            mask2former_loss(final["class_queries_logits"], final["masks_queries_logits"], mask_labels, given,
+                             valid, config=CONFIG, auxiliary_logits=aux, key=jax.random.key(0))
+
+
+@jax.jit
+def _keyed_loss_and_grads(final, mask_labels, class_labels, valid):
+    def total(final):
+        losses = mask2former_loss(final["class_queries_logits"], final["masks_queries_logits"], mask_labels,
+                                  class_labels, valid, config=CONFIG, key=jax.random.key(0))
+        return losses["loss"], losses
+
+    (_, losses), grads = jax.value_and_grad(total, has_aux=True)(final)
+    return losses, grads
+
+
+def test_traced_out_of_range_class_labels_give_nan_terms_a_count_and_no_gradient():
+    """Under jit the labels cannot be checked: every term is NaN, "invalid_labels" counts the
+    offending valid slots (hand-counted), the gradient is zero. A padded slot's label is ignored:
+    7 there gives bit for bit the loss of 0 there, with a count of 0."""
+    final, _, mask_labels, class_labels, valid = _random_case(0, (3, 1))
+    reference, reference_grads = _keyed_loss_and_grads(final, mask_labels, class_labels, valid)
+    assert int(reference["invalid_labels"]) == 0
+    assert all(np.isfinite(float(v)) for v in reference.values())
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(reference_grads))
+
+    padded_junk, _ = _keyed_loss_and_grads(final, mask_labels, _with_label(class_labels, 1, 3, 7), valid)
+    for name, value in reference.items():
+        assert float(padded_junk[name]) == float(value), name
+
+    cases = [(_with_label(class_labels, 1, 0, -1), 1), (_with_label(class_labels, 0, 2, NUM_LABELS), 1),
+             (_with_label(_with_label(class_labels, 0, 0, 7), 1, 0, 7), 2)]
+    for labels, count in cases:
+        losses, grads = _keyed_loss_and_grads(final, mask_labels, labels, valid)
+        assert int(losses["invalid_labels"]) == count
+        assert set(losses) == set(reference)
+        for name, value in losses.items():
+            if name != "invalid_labels":
+                assert np.isnan(float(value)), (name, labels.tolist())
+        for g in jax.tree.leaves(grads):
+            np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_model_call_with_out_of_range_class_labels_is_a_value_error(tiny_checkpoint):
+    """The model object's ``model(..., class_labels=)`` (transformers' per-image lists)."""
+    import m2f_jax
+
+    model = m2f_jax.load(tiny_checkpoint[0])
+    pixels = np.zeros((1, 64, 96, 3), np.float32)
+    masks = [np.ones((1, 64, 96), np.float32)]
+    num_labels = model.config.num_labels
+    for bad in (7, -1, num_labels):
+        with pytest.raises(ValueError, match=rf"class_labels must be in \[0, {num_labels}\); got \[{bad}\]"):
+            model(pixels, mask_labels=masks, class_labels=[[bad]])
+
+
+def test_train_step_reports_invalid_labels_as_a_metric_and_keeps_params_finite():
+    """make_train_step on a stand-in module whose outputs are its parameters (the real step and
+    criterion, no Mask2Former compile): a batch with one out-of-range label gives a NaN loss,
+    invalid_labels == 1 (hand-counted) and finite parameters; in range, a finite loss and 0."""
+    import flax.linen as nn
+    import optax
+    from types import SimpleNamespace
+
+    from m2f_jax.training.train_step import TrainState, make_train_step
+
+    class LogitsAsParams(nn.Module):
+        variant: str = None
+
+        @nn.compact
+        def __call__(self, pixel_values, deterministic=True, output_auxiliary_logits=False):
+            init = nn.initializers.normal(1.0)
+            class_logits = self.param("class_logits", init, (Q, NUM_LABELS + 1))
+            mask_logits = self.param("mask_logits", init, (Q, MASK_SIZE, MASK_SIZE))
+            batch = pixel_values.shape[0]
+            return SimpleNamespace(
+                class_queries_logits=jnp.broadcast_to(class_logits, (batch, *class_logits.shape)),
+                masks_queries_logits=jnp.broadcast_to(mask_logits, (batch, *mask_logits.shape)),
+                auxiliary_logits=None,
+            )
+
+    module = LogitsAsParams()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_train_step(module, CONFIG, tx))
+    _, _, mask_labels, class_labels, valid = _random_case(0, (3, 1))
+    batch = {"pixel_values": np.zeros((B, 4, 4, 3), np.float32), "mask_labels": mask_labels, "label_valid": valid}
+    state = TrainState.create(params, tx, 0)
+
+    good_state, good = step(state, dict(batch, class_labels=class_labels))
+    assert int(good["invalid_labels"]) == 0 and np.isfinite(float(good["loss"]))
+    loss_terms = [float(v) for k, v in good.items() if k.startswith("loss_")]
+    np.testing.assert_allclose(float(good["loss"]), sum(loss_terms), rtol=1e-6)
+
+    bad_state, bad = step(state, dict(batch, class_labels=_with_label(class_labels, 1, 0, 7)))
+    assert int(bad["invalid_labels"]) == 1 and np.isnan(float(bad["loss"]))
+    for leaf in jax.tree.leaves(bad_state.params):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_loss_under_jit_without_label_valid_equals_all_valid():
+    """``label_valid=None`` (all valid) under jit with concrete labels: the label check reads the
+    given None, not the traced all-True default. Oracle: the same loss with label_valid given."""
+    rng = np.random.default_rng(0)
+    class_logits = jnp.asarray(rng.normal(size=(1, 3, NUM_LABELS + 1)), jnp.float32)
+    logits = jnp.asarray(rng.normal(size=(1, 3, 4, 4)), jnp.float32)
+    masks = jnp.asarray(rng.uniform(size=(1, 2, 16, 16)) > 0.5, jnp.float32)
+    labels = jnp.asarray([[1, 3]])
+    key = jax.random.key(0)
+    without = jax.jit(lambda c, m: mask2former_loss(c, m, masks, labels, config=CONFIG, key=key)["loss"])(
+        class_logits, logits)
+    given = mask2former_loss(class_logits, logits, masks, labels, jnp.ones((1, 2), bool), config=CONFIG,
+                             key=key)["loss"]
+    np.testing.assert_allclose(without, given, rtol=1e-6)

@@ -116,6 +116,23 @@ def test_semantic_reduce_labels_matches_transformers_processor(root):
     np.testing.assert_array_equal(raw[0]["class_ids"], np.unique(label_map))
 
 
+def test_semantic_reduce_labels_keeps_ignore_index_pixels_ignored_as_our_processor(root):
+    """The README's deliberate difference (transformers' processor makes 255 class 254): the
+    reader and m2f_jax's processor agree, and the 255 pixels are in no mask."""
+    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+    dataset = SemanticDataset(root, "training", reduce_labels=True, ignore_index=255)
+    label_map = dataset.read_label_map(0).copy()
+    label_map[:10, :20] = 255
+    dataset.read_label_map = lambda index: label_map
+    example = dataset[0]
+    ours = Mask2FormerImageProcessor(do_resize=False, do_rescale=False, do_normalize=False, do_reduce_labels=True,
+                                     ignore_index=255)(images=[example["image"]], segmentation_maps=[label_map])
+    np.testing.assert_array_equal(example["class_ids"], ours["class_labels"][0])
+    np.testing.assert_array_equal(example["masks"], ours["mask_labels"][0].astype(bool))
+    assert 254 not in example["class_ids"] and not example["masks"][:, :10, :20].any()
+
+
 def _decode_png_ids(path):
     from PIL import Image
 
@@ -341,6 +358,49 @@ def test_batches_have_static_shapes_and_dtypes(root):
         assert iterator.get_state()["epoch"] == 1 and json.loads(json.dumps(iterator.get_state())) == iterator.get_state()
 
 
+def _strip_targets_of_first_train_example(folder):
+    """Takes every target of train example 0 away in the three formats: a COCO image without
+    annotations, a panoptic PNG whose segments are not listed, an ADE map that is all "other"."""
+    label_path = os.path.join(folder, "annotations", "training", "synth_000000.png")
+    from PIL import Image
+
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(label_path)))).save(label_path)
+    with open(os.path.join(folder, "panoptic_train.json")) as f:
+        panoptic = json.load(f)
+    first = panoptic["images"][0]["id"]
+    for annotation in panoptic["annotations"]:
+        if annotation["image_id"] == first:
+            annotation["segments_info"] = []
+    with open(os.path.join(folder, "panoptic_train.json"), "w") as f:
+        json.dump(panoptic, f)
+    with open(os.path.join(folder, "instances_train.json")) as f:
+        instances = json.load(f)
+    first = instances["images"][0]["id"]
+    instances["annotations"] = [a for a in instances["annotations"] if a["image_id"] != first]
+    with open(os.path.join(folder, "instances_train.json"), "w") as f:
+        json.dump(instances, f)
+
+
+@pytest.mark.parametrize("fmt", ["semantic", "panoptic", "instance"])
+def test_an_example_without_targets_is_a_row_without_valid_slots(fmt, tmp_path):
+    """As transformers trains such an image (every query matched to nothing: "no object"; the loss
+    of a batch with such rows is checked against transformers in test_criterion.py)."""
+    from m2f_jax.data.datasets import open_dataset
+
+    write_dataset(str(tmp_path), num_train=4, num_val=1, image_size=(32, 40), seed=1)
+    _strip_targets_of_first_train_example(str(tmp_path))
+    dataset = open_dataset(str(tmp_path), fmt, "train")
+    assert dataset[0]["masks"].shape == (0, 32, 40)
+    for transform in (TrainTransform(32), EvalTransform(32)):
+        out = transform(dataset[0], np.random.default_rng(0))
+        assert out["masks"].shape == (0, 32, 32) and out["class_ids"].shape == (0,)
+    with BatchIterator(dataset, 4, TrainTransform(32), max_masks=4, shuffle=False, num_workers=0) as iterator:
+        batch = next(iterator)
+    assert list(batch["example_index"]) == [0, 1, 2, 3]
+    assert not batch["label_valid"][0].any() and not batch["mask_labels"][0].any()
+    assert batch["label_valid"][1:].any()
+
+
 def test_same_seed_gives_identical_batches_whatever_num_workers(root):
     dataset = CocoInstanceDataset(root, "train")
     transform = TrainTransform(48)
@@ -472,3 +532,44 @@ def test_workers_exit_when_stopped_and_an_error_leaves_no_shared_memory(root):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.splitlines() == ["exit codes [0, 0]", "raised example 5 is unreadable"], r.stdout + r.stderr
     assert "leaked" not in r.stderr, r.stderr[-3000:]
+
+
+_KILLED_SCRIPT = """
+import multiprocessing, sys, time
+from m2f_jax.data import BatchIterator, CocoPanopticDataset, TrainTransform
+
+if __name__ == "__main__":
+    it = BatchIterator(CocoPanopticDataset(sys.argv[1], "train"), 4, TrainTransform(64), max_masks=8, num_workers=2)
+    next(it)
+    print(*[w.pid for w in multiprocessing.active_children() if "resource_tracker" not in w.name], flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_their_process_is_killed(root):
+    """SIGKILL (no handler runs, no close()) of a process iterating with 2 workers: both workers
+    end within 5 s instead of outliving it."""
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, root], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(pid) for pid in workers)
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 5
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"workers {left} outlived their killed process"

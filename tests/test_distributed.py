@@ -44,7 +44,9 @@ MODEL = dict(PRESETS["tiny"], hidden_dim=32, feature_size=32, mask_feature_size=
                                   num_heads=[1, 1, 2, 2]))
 TRAIN = ["train", "--format", "semantic", "--steps", str(STEPS), "--batch-size", "4",
          "--crop", "64", "--num-points", "64", "--num-workers", "0", "--save-every", "1", "--keep", "3",
-         "--lr", "3e-4", "--clip-norm", "1.0", "--min-scale", "0.8", "--max-scale", "1.25", "--seed", "5"]
+         "--lr", "3e-3", "--clip-norm", "1.0", "--min-scale", "0.8", "--max-scale", "1.25", "--seed", "5"]
+# lr: large enough that 3 steps move the validation mIoU (0.124 -> 0.137 -> 0.190 in the
+# single-process run), so that a validation scoring stale weights shows
 TIMEOUT = 240  # s per run; the test takes ~3 minutes on 2 cores
 
 
@@ -130,7 +132,10 @@ def runs(tmp_path_factory):
     outs = {name: str(root / name) for name in ("single", "two", "killed")}
     with _Processes(env) as procs:
         # the single-process 4-device run and the uninterrupted two-process run, side by side
-        single = (procs.start(4, TRAIN + ["--data", tmp["data"], "--init", tmp["init"], "--out", outs["single"]],
+        # the single-process run also validates (on its 4 devices) before the first step, after
+        # step 2 and at the end: each validation must score the weights of its step
+        single = (procs.start(4, TRAIN + ["--data", tmp["data"], "--init", tmp["init"], "--out", outs["single"],
+                                          "--val-first", "--val-every", "2"],
                               os.path.join(tmp["logs"], "single")), os.path.join(tmp["logs"], "single"))
         two = _two_processes(procs, tmp, outs["two"], "two")
         procs.run([single] + two)
@@ -158,7 +163,7 @@ def runs(tmp_path_factory):
         finished = _two_processes(procs, tmp, outs["killed"], "finished", ["--resume"])
         procs.run(finished)
         err = {name: open(os.path.join(tmp["logs"], f"{name}0.err")).read() for name in ("resumed", "finished")}
-    return {"outs": outs, "steps_before": steps_before, "steps_stopped": steps_stopped, "err": err}
+    return {"outs": outs, "steps_before": steps_before, "steps_stopped": steps_stopped, "err": err, "data": tmp["data"]}
 
 
 def test_two_processes_train_as_one_process_with_their_devices(runs):
@@ -170,6 +175,23 @@ def test_two_processes_train_as_one_process_with_their_devices(runs):
     total = sum(v.size for v in a.values())
     apart = sum(int((np.abs(a[k] - b[k]) > 1e-5).sum()) for k in a)
     assert apart <= 1e-3 * total, f"{apart} of {total} parameter elements differ by more than 1e-5"
+
+
+def test_validations_on_four_devices_score_the_weights_of_their_step(runs, tmp_path):
+    """The single-process run validated its initial weights, step 2's and step 3's on 4 devices
+    (the replicated copy of one validation's weights must not serve the next: the train step
+    donates their buffers). Oracle for the last: ``m2f-jax eval`` of the export on one device."""
+    from m2f_jax import cli
+
+    with open(os.path.join(runs["outs"]["single"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    validations = [(r["step"], r["val_mIoU"]) for r in records if "val_mIoU" in r]
+    assert [step for step, _ in validations] == [0, 2, 3]
+    assert abs(validations[-1][1] - validations[0][1]) > 1e-3
+    out = tmp_path / "metrics.json"
+    assert cli.main(["eval", "--data", runs["data"], "--format", "semantic", "--task", "semantic", "--model",
+                     os.path.join(runs["outs"]["single"], "hf"), "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["mIoU"] == pytest.approx(validations[-1][1], abs=1e-6)
 
 
 def test_a_process_killed_or_preempted_resumes_to_the_uninterrupted_parameters(runs):

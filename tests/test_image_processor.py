@@ -177,7 +177,8 @@ def test_do_resize_false_matches_transformers():
 @pytest.mark.parametrize(
     "init",
     [
-        {"do_reduce_labels": True, "ignore_index": 255},
+        # {"do_reduce_labels": True, "ignore_index": 255}: its 255 region differs deliberately,
+        # test_reduce_labels_keeps_ignore_index_pixels_ignored below.
         # HF quirk: label 1 -> 0 collides with ignore_index 0 and is dropped.
         {"do_reduce_labels": True, "ignore_index": 0},
         # HF quirk: 0 -> -1 wraps to 255 in the uint8 map that the PIL resize returns.
@@ -185,7 +186,7 @@ def test_do_resize_false_matches_transformers():
         {"do_reduce_labels": False, "ignore_index": 3},
         {"do_reduce_labels": False, "ignore_index": None},
     ],
-    ids=["reduce_255", "reduce_ignore0", "reduce_ignore_minus1", "ignore3", "no_ignore"],
+    ids=["reduce_ignore0", "reduce_ignore_minus1", "ignore3", "no_ignore"],
 )
 def test_semantic_maps_match_transformers(init):
     images = [astronaut(), astronaut()[::-1]]  # same size: padding with ignore_index=None is fine
@@ -195,6 +196,32 @@ def test_semantic_maps_match_transformers(init):
     assert_matches_hf(ours, run_hf(images, maps, init=dict(init, size=SMALL)))
 
 
+def test_reduce_labels_keeps_ignore_index_pixels_ignored():
+    """Deliberate difference (README): with do_reduce_labels a map's ignore_index (255) pixels
+    stay ignored, as transformers' BEiT / SegFormer / DPT label reduction (and Mask2Former's own,
+    unused, ``reduce_label``) keep them; transformers' Mask2Former makes them class 254. Every
+    other mask and class is transformers' (oracle: Mask2FormerImageProcessorPil)."""
+    images = [astronaut(), astronaut()[::-1]]
+    maps = [random_map(im.shape, 6, seed) for seed, im in enumerate(images)]
+    maps[1][:40] = 255  # pixels marked "ignore" in the label map
+    init = {"do_reduce_labels": True, "ignore_index": 255, "size": SMALL}
+    ours, theirs = run_ours(images, maps, init=init), run_hf(images, maps, init=init)
+    np.testing.assert_array_equal(ours["pixel_values"], np.stack(theirs["pixel_values"]).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ours["mask_labels"][0], theirs["mask_labels"][0], strict=True)
+    np.testing.assert_array_equal(ours["class_labels"][0], theirs["class_labels"][0], strict=True)
+    their_masks, their_classes = np.asarray(theirs["mask_labels"][1]), np.asarray(theirs["class_labels"][1])
+    assert their_classes[-1] == 254  # transformers: 255 - 1
+    np.testing.assert_array_equal(ours["mask_labels"][1], their_masks[:-1], strict=True)
+    np.testing.assert_array_equal(ours["class_labels"][1], their_classes[:-1], strict=True)
+    # the 255 region (resized: where transformers' class-254 mask is) is in no mask of ours
+    ignored = their_masks[-1] == 1
+    assert ignored[:5].all() and ignored.sum() > 0
+    assert not ours["mask_labels"][1][:, ignored].any()
+    # with num_labels set, the ignored pixels are no out-of-range class (was a ValueError)
+    with_labels = run_ours(images, maps, init=dict(init, num_labels=6))
+    np.testing.assert_array_equal(with_labels["class_labels"][1], their_classes[:-1], strict=True)
+
+
 def test_reduce_labels_semantics_hand_computed():
     seg = np.array([[0, 1, 2], [3, 3, 0]])
     masks, classes = convert_segmentation_map_to_binary_masks(
@@ -202,6 +229,13 @@ def test_reduce_labels_semantics_hand_computed():
     )
     np.testing.assert_array_equal(classes, [0, 1, 2])  # 1, 2, 3 -> 0, 1, 2; 0 -> ignored
     np.testing.assert_array_equal(masks[2], [[0, 0, 0], [1, 1, 0]])
+    # 255 (ignore_index) stays ignored, in uint8 maps (what the PIL resize returns) too
+    for dtype in (np.uint8, np.int64):
+        masks, classes = convert_segmentation_map_to_binary_masks(
+            np.array([[0, 1, 255], [2, 255, 0]], dtype), ignore_index=255, do_reduce_labels=True
+        )
+        np.testing.assert_array_equal(classes, [0, 1])
+        np.testing.assert_array_equal(masks, [[[0, 1, 0], [0, 0, 0]], [[0, 0, 0], [1, 0, 0]]])
     masks, classes = convert_segmentation_map_to_binary_masks(seg, {0: 7, 1: 7, 2: 3, 3: 9})
     np.testing.assert_array_equal(classes, [7, 7, 3, 9])
     assert masks.dtype == np.float32 and classes.dtype == np.int64
@@ -332,7 +366,10 @@ def test_return_channels_first_matches_transformers_layout():
 
 def test_call_time_overrides_match_transformers():
     images = [chelsea(), coffee()]
+    # labels 0, 2, 3, 4: none equal to ignore_index 1, whose pixels differ deliberately under
+    # do_reduce_labels (test_reduce_labels_keeps_ignore_index_pixels_ignored)
     maps = [random_map(im.shape, 4, seed) for seed, im in enumerate(images)]
+    maps = [np.where(m == 1, 4, m) for m in maps]
     call = {
         "size": {"height": 80, "width": 100},
         "size_divisor": 0,
@@ -528,6 +565,12 @@ ERROR_CASES = {
     "bad_resample": (_make({"resample": 9}), ValueError, "resample"),
     "bad_mean_type": (_make({"image_mean": "imagenet"}), TypeError, "image_mean"),
     "negative_divisor": (_make({"size_divisor": -1}), ValueError, "size_divisor"),
+    # a (1, 2) image whose shortest edge goes to 1 has a 0-pixel side (transformers raises too)
+    "resized_to_nothing": (
+        _run(np.zeros((1, 2, 3), np.uint8), init={"size": {"shortest_edge": 1, "longest_edge": 1},
+                                                  "size_divisor": 0}),
+        ValueError, r"image 0 of size \(1, 2\) resizes to \(0, 1\) with size=",
+    ),
 }
 
 

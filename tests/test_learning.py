@@ -197,3 +197,28 @@ def test_a_broken_training_image_stops_with_one_line_and_keeps_the_completed_ste
     saved = re.search(r"step (\d+) is saved", last)
     steps = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
     assert steps == ([int(saved.group(1))] if saved else []), (last, steps)
+
+
+def test_the_exported_processor_gives_the_training_labels_to_the_transformers_style_loss(trained):
+    """The export records the training data's convention (ADE-style maps: 0 is "other", class c is
+    c + 1, so do_reduce_labels and num_labels): ``processor(images, segmentation_maps)`` then the
+    model's loss works on a training example as it is. Oracles: the dataset reader's classes and
+    transformers' processor loaded from the same folder."""
+    import m2f_jax
+
+    pytest.importorskip("torch", reason=TORCH_REASON)
+    import transformers
+
+    export = trained["summary"]["export"]
+    dataset = SemanticDataset(trained["data"], "training")
+    example = dataset[0]
+    label_map = dataset.read_label_map(0)
+    model = m2f_jax.load(export)
+    assert model.processor.do_reduce_labels and model.processor.num_labels == model.config.num_labels
+    inputs = model.processor([example["image"]], segmentation_maps=[label_map], return_tensors="np")
+    np.testing.assert_array_equal(inputs["class_labels"][0], example["class_ids"])
+    hf_inputs = transformers.Mask2FormerImageProcessor.from_pretrained(export)(
+        images=[example["image"]], segmentation_maps=[label_map], return_tensors="np")
+    np.testing.assert_array_equal(hf_inputs["class_labels"][0], example["class_ids"])
+    out = model(inputs["pixel_values"], mask_labels=inputs["mask_labels"], class_labels=inputs["class_labels"])
+    assert np.isfinite(float(out.loss)) and float(out.loss) > 0

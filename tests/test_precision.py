@@ -68,3 +68,22 @@ def test_the_xla_variant_gradient_keeps_highest_precision():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ValueError, match=r"precision must be one of \(None, 'default', 'high', 'highest'\); got 'fp32'"):
         _lowered("fp32", "xla")
+
+
+def test_the_bare_model_object_honours_precision_and_variant(tiny_checkpoint):
+    """``m2f_jax.Mask2FormerModel.from_pretrained(..., precision=, variant=)``: every matmul and
+    convolution of its lowered forward has the precision, and "xla" traces none of the "cpu"
+    variant's custom_vjp / custom_vmap machinery (which "cpu" does)."""
+    import m2f_jax
+    from m2f_jax.modeling import variants
+
+    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    for precision, variant in (("highest", "xla"), ("high", "cpu")):
+        model = m2f_jax.Mask2FormerModel.from_pretrained(str(tiny_checkpoint[0]), precision=precision,
+                                                         variant=variant)
+        found = _precisions(model._forward.lower(model.params, x, False, False).as_text())
+        assert len(found["stablehlo.convolution"]) >= 2 and len(found["stablehlo.dot_general"]) >= 40, found
+        for op, names in found.items():
+            assert set(names) == {precision.upper()}, (op, variant, sorted(set(names)))
+        machinery = variants.cpu_machinery(lambda p, x: model.module.apply({"params": p}, x, True), model.params, x)
+        assert (machinery == set()) == (variant == "xla"), (variant, machinery)

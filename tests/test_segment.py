@@ -171,7 +171,10 @@ def test_stream_goes_on_past_bad_images_and_segment_names_them(model_and_oracle,
 
 def test_several_devices_give_the_one_device_results(tiny_checkpoint, tmp_path):
     """4 virtual CPU devices in a subprocess (XLA_FLAGS before jax starts): batches of 4 split
-    over them (5 images: the last batch padded with copies) against one device."""
+    over them (5 images: the last batch padded with copies) against one device; then, after other
+    weights are assigned to ``model.params``, the same again (the replicated copy follows the
+    weights) and one ``sharded_call``'s logits, spread over all four devices, against one device's
+    (fp32, atol 1e-5)."""
     import os
     import subprocess
     import sys
@@ -187,6 +190,12 @@ def test_several_devices_give_the_one_device_results(tiny_checkpoint, tmp_path):
         for i in range(5):
             np.testing.assert_array_equal(got[f"{task}/4/{i}"], got[f"{task}/1/{i}"])
             np.testing.assert_allclose(got[f"{task}/4/{i}/scores"], got[f"{task}/1/{i}/scores"], atol=1e-5)
+    for i in range(5):
+        np.testing.assert_array_equal(got[f"changed/4/{i}"], got[f"changed/1/{i}"])
+    # the new weights do change the maps, so stale weights on 4 devices could not pass
+    assert any((got[f"changed/1/{i}"] != got[f"semantic/1/{i}"]).any() for i in range(5))
+    assert int(got["sharded/devices"]) == 4
+    np.testing.assert_allclose(got["sharded/logits"], got["single/logits"], atol=1e-5)
 
 
 def test_instance_evaluation_scores_every_query_as_pycocotools(model_and_oracle):

@@ -92,7 +92,8 @@ def multi(multidevice_process, single):
 
 def test_metrics_hold_every_loss_term_and_are_finite(single):
     metrics = single["metrics"]
-    assert set(metrics) == LOSS_TERMS | {"loss", "grad_norm", "learning_rate"}
+    assert set(metrics) == LOSS_TERMS | {"loss", "grad_norm", "learning_rate", "invalid_labels"}
+    assert metrics["invalid_labels"] == 0
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     np.testing.assert_allclose(metrics["loss"], sum(metrics[k] for k in LOSS_TERMS), rtol=1e-6)
     np.testing.assert_allclose(metrics["learning_rate"], md.OPTIMIZER["learning_rate"], rtol=1e-6)
@@ -429,6 +430,9 @@ def test_overflowing_gradient_norm_gives_a_zero_update_like_torch_and_a_warning(
     assert nonfinite_note(3, {"loss": 120.0, "grad_norm": 2.5}) is None
     assert "overflowed float32 (inf)" in nonfinite_note(3, {"loss": 120.0, "grad_norm": float("inf")})
     assert nonfinite_note(3, {"loss": float("nan"), "grad_norm": 1.0}).startswith("step 3: the loss is nan")
+    # a NaN loss from class ids outside [0, num_labels) names that cause, not the parameters
+    assert nonfinite_note(3, {"loss": float("nan"), "grad_norm": 0.0, "invalid_labels": 2}).startswith(
+        "step 3: 2 target(s) have class ids outside [0, num_labels)")
 
 
 def test_schedules_match_detectron2_formulas():

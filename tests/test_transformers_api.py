@@ -98,6 +98,75 @@ def test_encode_inputs_pads_processed_images_and_builds_targets():
     np.testing.assert_array_equal(out["mask_labels"][0], first)
 
 
+# transformers 4.56's documented encode_inputs parameters, in order (the model page; 5.x removed it)
+_ENCODE_INPUTS_PARAMETERS = ["pixel_values_list", "segmentation_maps", "instance_id_to_semantic_id", "ignore_index",
+                             "do_reduce_labels", "return_tensors", "input_data_format", "pad_size"]
+
+
+def test_encode_inputs_takes_the_documented_keywords():
+    """``encode_inputs(..., return_tensors="np")`` as the model page writes it (a TypeError
+    before); the documented parameters in their order, ``return_channels_first`` keyword-only
+    after them. Oracle: hand-built padding and targets, as the test above."""
+    import inspect
+
+    processor = Mask2FormerImageProcessor()
+    parameters = list(inspect.signature(processor.encode_inputs).parameters.values())
+    assert [p.name for p in parameters] == _ENCODE_INPUTS_PARAMETERS + ["return_channels_first"]
+    assert parameters[-1].kind is inspect.Parameter.KEYWORD_ONLY
+    rng = np.random.default_rng(3)
+    images = [rng.normal(size=(4, 5, 3)).astype(np.float32), rng.normal(size=(6, 3, 3)).astype(np.float32)]
+    maps = [np.array([[1, 1, 2, 2, 255]] * 4), np.array([[0, 3, 3]] * 6)]
+    out = processor.encode_inputs(images, segmentation_maps=maps, instance_id_to_semantic_id=None, ignore_index=255,
+                                  do_reduce_labels=True, return_tensors="np", input_data_format="channels_last",
+                                  pad_size={"height": 7, "width": 8})
+    assert out["pixel_values"].shape == (2, 7, 8, 3)
+    np.testing.assert_array_equal(out["pixel_values"][0, :4, :5], images[0])
+    np.testing.assert_array_equal(out["pixel_values"][1, :6, :3], images[1])
+    assert out["pixel_values"][0, 4:].sum() == 0 and out["pixel_mask"].sum() == 4 * 5 + 6 * 3
+    # reduced labels: 1, 2, 3 -> 0, 1, 2; 0 and 255 ignored
+    np.testing.assert_array_equal(out["class_labels"][0], [0, 1])
+    np.testing.assert_array_equal(out["class_labels"][1], [2])
+    np.testing.assert_array_equal(out["mask_labels"][1][0, :6, :3], [[0, 1, 1]] * 6)
+    assert out["mask_labels"][0].shape == (2, 7, 8)
+    positional = processor.encode_inputs(images, maps, None, 255, True, "np", "channels_last", {"height": 7, "width": 8})
+    np.testing.assert_array_equal(positional["pixel_values"], out["pixel_values"])
+    with pytest.raises(ValueError, match="return_tensors='np' or None"):
+        processor.encode_inputs(images, return_tensors="pt")
+    first = processor.encode_inputs(images, return_channels_first=True)["pixel_values"]
+    assert first.shape == (2, 3, 6, 5)
+
+
+def test_linen_module_signature_puts_pixel_values_first_and_takes_keywords(tiny_checkpoint):
+    """transformers' ``test_forward_signature`` reads ``pixel_values`` first; the module is
+    applied by keyword as users write it. Oracle: transformers' forward signature and the
+    torch model's outputs (fp32, atol 1e-4)."""
+    import inspect
+
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation as Module
+    from tests.hf_models import nchw_to_nhwc, run_hf
+
+    folder, torch_model = tiny_checkpoint
+    model = m2f_jax.load(folder)
+    assert isinstance(model.module, Module)
+    names = list(inspect.signature(model.module.__call__).parameters)
+    assert names[:1] == ["pixel_values"]
+    theirs_names = list(inspect.signature(transformers.Mask2FormerForUniversalSegmentation.forward).parameters)
+    assert theirs_names[1:2] == ["pixel_values"]  # after self
+    assert set(names) - {"deterministic"} <= set(theirs_names)
+    assert list(inspect.signature(Module.__call__).parameters)[:2] == ["self", "pixel_values"]
+
+    pixels = _pixels(4)
+    out = model.module.apply({"params": model.params}, pixel_values=jax.numpy.asarray(pixels), deterministic=True,
+                             output_hidden_states=True)
+    theirs = run_hf(torch_model, pixels)
+    np.testing.assert_allclose(np.asarray(out.class_queries_logits), theirs.class_queries_logits.numpy(), atol=1e-4)
+    assert len(out.encoder_hidden_states) == len(theirs.encoder_hidden_states) == 4
+    for ours_map, their_map in zip(out.encoder_hidden_states, theirs.encoder_hidden_states):
+        np.testing.assert_allclose(np.asarray(ours_map), nchw_to_nhwc(their_map), atol=1e-4)
+    assert out.attentions is None and out.auxiliary_logits is None
+
+
 def test_post_process_methods_match_transformers():
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     rng = np.random.default_rng(2)

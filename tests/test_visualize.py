@@ -175,13 +175,78 @@ def test_palette_matches_color_for_and_is_distinct():
     assert color_for(4, 7) == color_for(4, 7)
 
 
+def _logits(shape=(64, 64)):
+    """Two confident queries, class 2 on the top half and class 0 on the bottom half, and one
+    "no object" query; mask logits at a quarter of `shape`, as the model gives them."""
+    class_logits = np.full((1, 3, 5), -8.0, np.float32)
+    class_logits[0, 0, 2] = class_logits[0, 1, 0] = class_logits[0, 2, 4] = 8.0
+    masks = np.full((1, 3, shape[0] // 4, shape[1] // 4), -8.0, np.float32)
+    masks[0, 0, : shape[0] // 8] = 8.0
+    masks[0, 1, shape[0] // 8:] = 8.0
+    return {"class_queries_logits": class_logits, "masks_queries_logits": masks}
+
+
+def _expect_segments_drawn(image, out, seg_map, segments):
+    """Every segment's pixels are the alpha-0.5 blend of its class colour (classes differ here,
+    so no instance shades); every other pixel is the image's."""
+    drawn = np.zeros(seg_map.shape, bool)
+    for segment in segments:
+        mask = seg_map == segment["id"]
+        assert mask.any()
+        expected = _blend(image[mask], color_for(segment["label_id"]), 0.5)
+        assert np.abs(out[mask].astype(np.int64) - expected).max() <= 1
+        drawn |= mask
+    np.testing.assert_array_equal(out[~drawn], image[~drawn])
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_segment_results_with_their_segments_list_are_drawn(photo, task):
+    """`m2f_jax.segment`'s dicts hold `segments`, not `segments_info`; they are drawn as the
+    post-processing dicts are (oracle: the NumPy blend over the result's own id map)."""
+    from m2f_jax import inference
+    from m2f_jax.processing import post_processing
+
+    image = np.ascontiguousarray(photo[::8, ::8])  # (64, 64, 3)
+    geometry = {"target_sizes": [image.shape[:2]]}
+    (result,) = inference._post_process(post_processing, task, _logits(), geometry, 0.5, 0.5, 0.8, None, False)
+    result = inference._with_names(result, {0: "sky", 2: "tree"})
+    assert "segments_info" not in result and sorted(s["label_id"] for s in result["segments"]) == [0, 2]
+    out = np.asarray(overlay(image, result, alpha=0.5, outline=False, show_labels=False))
+    _expect_segments_drawn(image, out, result["segmentation"], result["segments"])
+
+
+def test_semantic_dict_with_scores_is_drawn_as_a_semantic_map(photo):
+    """post_process_semantic_segmentation(..., return_segmentation_scores=True) gives a dict with
+    `segmentation` and `segmentation_scores` only: each class present is one segment, as for the
+    bare map; `ignore_index` still applies."""
+    from m2f_jax.processing import post_processing
+
+    image = np.ascontiguousarray(photo[::8, ::8])
+    (result,) = post_processing.post_process_semantic_segmentation(
+        _logits(), target_sizes=[image.shape[:2]], return_segmentation_scores=True)
+    assert set(result) == {"segmentation", "segmentation_scores"}
+    seg_map = np.asarray(result["segmentation"])
+    classes = [{"id": c, "label_id": c} for c in (0, 2)]
+    assert sorted(np.unique(seg_map).tolist()) == [0, 2]
+    out = np.asarray(overlay(image, result, alpha=0.5, outline=False, show_labels=False))
+    _expect_segments_drawn(image, out, seg_map, classes)
+    np.testing.assert_array_equal(out, np.asarray(overlay(image, seg_map, alpha=0.5, outline=False,
+                                                          show_labels=False)))
+    out = np.asarray(overlay(image, result, alpha=0.5, outline=False, show_labels=False, ignore_index=2))
+    _expect_segments_drawn(image, out, seg_map, classes[:1])
+
+
 def test_errors(photo):
     with pytest.raises(ValueError, match="rank 2"):
         overlay(photo, np.zeros((2, 512, 512), np.int32))
     with pytest.raises(ValueError, match="rank 2"):
         overlay(photo, {"segmentation": np.zeros(512, np.int32), "segments_info": []})
-    with pytest.raises(KeyError, match="segmentation"):
+    with pytest.raises(KeyError, match="'segmentation' and 'segments_info' .* or 'segments'"):
         overlay(photo, {"segments_info": []})
+    with pytest.raises(KeyError, match="keys: \\['segments'\\]"):
+        overlay(photo, {"segments": []})
+    with pytest.raises(ValueError, match="each segments entry needs 'id' and 'label_id'"):
+        overlay(photo, {"segmentation": np.zeros((512, 512), np.int32), "segments": [{"id": 1}]})
     with pytest.raises(TypeError, match="one image's result"):
         overlay(photo, [_panoptic()])
     with pytest.raises(ValueError, match="alpha"):

@@ -75,7 +75,7 @@ def pad_and_pack(pixels: np.ndarray, masks: np.ndarray, class_ids: np.ndarray, o
     pixel_values[:h, :w] = normalize(pixels, mean, std)
     pixel_mask = np.zeros(out_hw, np.int32)
     pixel_mask[:h, :w] = 1
-    keep = masks.reshape(len(masks), -1).any(axis=1)
+    keep = masks.any(axis=(1, 2))  # an example may have no mask at all (its queries learn "no object")
     padded_masks = np.zeros((int(keep.sum()), *out_hw), bool)
     padded_masks[:, :h, :w] = masks[keep]
     return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "masks": padded_masks,

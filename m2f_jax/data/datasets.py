@@ -130,7 +130,9 @@ class SemanticDataset:
             raise DataError(f"label map {self.label_paths[index]} has shape {label_map.shape}, "
                              f"expected {image.shape[:2]} (one channel, the image's size)")
         if self.reduce_labels:
-            label_map = np.where(label_map == 0, self.ignore_index, label_map - 1)
+            # ignore_index pixels stay ignored, as the processor's label reduction keeps them
+            label_map = np.where((label_map == 0) | (label_map == self.ignore_index), self.ignore_index,
+                                 label_map - 1)
         class_ids = np.unique(label_map)
         if self.ignore_index is not None:
             class_ids = class_ids[class_ids != self.ignore_index]

@@ -168,6 +168,26 @@ class _Failed:
         self.error = error
 
 
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+    """grain's ``worker_init_fn``: the worker ends as soon as the process that started it is gone.
+    A trainer killed by a signal it cannot catch (SIGKILL, the OOM killer, a preempted node's
+    agent) never stops its workers, which would otherwise hold their memory and shared-memory
+    blocks until the host reboots. A daemon thread polls the parent's pid (POSIX and macOS alike,
+    unlike Linux's PR_SET_PDEATHSIG, which follows the parent *thread*)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="m2f-jax-exit-with-parent", daemon=True).start()
+
+
 def absl_flags_parsed() -> None:
     """grain (in its prefetch threads) and Orbax read absl flags; a program that does not run
     absl.app (ours, pytest, a notebook) has not parsed flags, which they report as an error. Mark
@@ -263,7 +283,8 @@ class BatchIterator(grain.DatasetIterator):
             # grain waits 25 s before it kills it.
             examples = examples.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                             per_worker_buffer_size=self.prefetch * schedule.local_batch_size))
+                                             per_worker_buffer_size=self.prefetch * schedule.local_batch_size),
+                worker_init_fn=exit_with_parent)
         return examples.batch(schedule.local_batch_size, batch_fn=schedule.collate)
 
     # ---- iteration -----------------------------------------------------------------------

@@ -8,6 +8,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from m2f_jax.config import ACTIVATION_NAMES
+
 __all__ = ["ACTIVATIONS", "activation", "gelu"]
 
 
@@ -17,7 +19,7 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
-ACTIVATIONS = {
+_FUNCTIONS = {
     "gelu": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -25,6 +27,9 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+# Config validation accepts exactly ACTIVATION_NAMES, so the table is those names, no more: a name
+# added there without a function here fails at import, not at a model's first call.
+ACTIVATIONS = {name: _FUNCTIONS[name] for name in ACTIVATION_NAMES}
 
 
 def activation(name: str, option: str) -> Callable[[jax.Array], jax.Array]:

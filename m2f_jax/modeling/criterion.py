@@ -20,6 +20,12 @@ over that mapped axis and divided by its size (transformers with accelerate).
 Static shapes: targets are padded to M slots per image (``label_valid`` marks the real ones); the
 mask terms are computed for all B*M slots and the unmatched ones are masked out.
 
+Class labels of the valid slots must be in ``[0, num_labels)`` (``num_labels`` is "no object", not a
+target class). Given concrete arrays, one outside is a ``ValueError``. Under a transformation (jit,
+vmap, grad: the labels are tracers) it cannot raise; every loss term is then NaN, the returned
+``"invalid_labels"`` counts the offending valid slots, and the gradient of that call is zero
+(transformers' loss does not check the labels).
+
 Randomness comes from ``key``, or from ``given_points`` to replay transformers' ``torch.rand``
 draws exactly (the parity tests build them from recorded draws: tests/hf_models.py). ``given_points`` is a sequence with one dict
 per prediction level, in transformers' draw order (final prediction first, then auxiliary 0, 1,
@@ -41,6 +47,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling import variants
@@ -104,6 +111,25 @@ def _as_loss_config(config: Union[LossConfig, Mask2FormerConfig, None], override
             f">= int(importance_sample_ratio * train_num_points) = {config.num_uncertain_points}."
         )
     return config
+
+
+def _is_concrete(x) -> bool:
+    return x is None or not isinstance(x, jax.core.Tracer)
+
+
+def check_class_labels(class_labels, label_valid, num_labels: int) -> None:
+    """ValueError naming the first valid slot whose class label is outside ``[0, num_labels)``
+    (concrete arrays only; under a trace :func:`mask2former_loss` flags it instead)."""
+    labels = np.asarray(class_labels)
+    valid = np.ones(labels.shape, bool) if label_valid is None else np.asarray(label_valid, bool)
+    bad = np.argwhere(valid & ((labels < 0) | (labels >= num_labels)))
+    if len(bad):
+        image, slot = (int(i) for i in bad[0])
+        raise ValueError(
+            f"class label {int(labels[image, slot])} outside [0, num_labels={num_labels}) (image {image}, "
+            f"target slot {slot}; {len(bad)} valid slot(s) out of range). Class ids are 0..num_labels-1; "
+            f"num_labels is 'no object' and padded slots belong in label_valid=False."
+        )
 
 
 def sigmoid_bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -398,7 +424,8 @@ def mask2former_loss(
       class_queries_logits: (B, Q, K+1) final class logits.
       masks_queries_logits: (B, Q, h, w) final mask logits.
       mask_labels: (B, M, H, W) target masks, padded to M slots per image (values in [0, 1]).
-      class_labels: (B, M) int target classes in [0, K).
+      class_labels: (B, M) int target classes in [0, K) for the valid slots (anything in padded
+        ones). Out of range: a ValueError for concrete arrays, NaN losses under jit (module docstring).
       label_valid: (B, M) bool, False for padded slots (default: all valid). Images without any
         valid target are fine.
       config: a :class:`LossConfig` or :class:`Mask2FormerConfig`; keyword ``config_overrides``
@@ -415,7 +442,9 @@ def mask2former_loss(
     Returns:
       Dict of scalars: "loss_mask", "loss_dice", "loss_cross_entropy" (final level), then
       "loss_mask_{i}", "loss_dice_{i}", "loss_cross_entropy_{i}" for auxiliary level i, all
-      already multiplied by their weight, and "loss", their sum. With ``with_matchings``, the
+      already multiplied by their weight, "loss", their sum, and "invalid_labels", the int32 count
+      of valid slots whose class label is outside [0, K) (0 unless traced; when > 0 every term is
+      NaN; not a loss term, so not in "loss"). With ``with_matchings``, the
       pair (losses, matchings): a :class:`Matching` whose arrays have a leading level axis
       (level 0 = final prediction, level i + 1 = auxiliary i), gradient-free.
     """
@@ -429,7 +458,17 @@ def mask2former_loss(
             f"last one is 'no object'), got {tuple(class_queries_logits.shape)}."
         )
     num_slots = mask_labels.shape[1]
+    labels_concrete = _is_concrete(class_labels) and _is_concrete(label_valid)
+    given_valid = label_valid  # None stays concrete; its all-True default is traced under jit
     label_valid = checked_label_valid(label_valid, batch_size, num_slots)
+    if labels_concrete:
+        check_class_labels(class_labels, given_valid, cfg.num_labels)
+    class_labels = jnp.asarray(class_labels)
+    out_of_range = label_valid & ((class_labels < 0) | (class_labels >= cfg.num_labels))  # (B, M)
+    invalid_labels = jnp.sum(out_of_range, dtype=jnp.int32)
+    # Traced: computed as if those slots were padding (finite, no index out of range), then NaN.
+    label_valid = label_valid & ~out_of_range
+    class_labels = jnp.where(out_of_range, 0, class_labels)
     levels = _stack_levels(class_queries_logits, masks_queries_logits, auxiliary_logits)
     num_levels = levels["class_queries_logits"].shape[0]
 
@@ -472,7 +511,11 @@ def mask2former_loss(
         losses[f"loss_mask{suffix}"] = cfg.mask_weight * loss_mask[level]
         losses[f"loss_dice{suffix}"] = cfg.dice_weight * loss_dice[level]
         losses[f"loss_cross_entropy{suffix}"] = cfg.class_weight * loss_ce[level]
+    # where, not +NaN: NaN terms and a zero gradient, so one bad example of a train step does not
+    # turn the parameters into NaN (its loss metric and the flag say what happened)
+    losses = {name: jnp.where(invalid_labels > 0, jnp.nan, value) for name, value in losses.items()}
     losses["loss"] = sum(losses.values())
+    losses["invalid_labels"] = invalid_labels
     if with_matchings:
         return losses, matchings
     return losses

@@ -111,11 +111,20 @@ class PixelLevelModule(nn.Module):
 
 
 class Mask2FormerModel(nn.Module):
+    """transformers' bare ``Mask2FormerModel`` (no class head); ``variant`` and ``precision`` as in
+    :class:`Mask2FormerForUniversalSegmentation` (None inside it: the enclosing model's)."""
+
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
+    variant: Optional[str] = None
+    precision: Optional[str] = None
+
+    def __call__(self, pixel_values, deterministic: bool = True):
+        with variants.use(variants.resolve(self.variant)), matmul_precision(self.precision):
+            return self._forward(pixel_values, deterministic)
 
     @nn.compact
-    def __call__(self, pixel_values, deterministic=True):
+    def _forward(self, pixel_values, deterministic=True):
         features, mask_features, multi_scale = PixelLevelModule(
             self.config, self.dtype, name="pixel_level_module"
         )(pixel_values, deterministic)
@@ -154,9 +163,26 @@ class Mask2FormerForUniversalSegmentation(nn.Module):
     variant: Optional[str] = None
     precision: Optional[str] = None
 
-    def __call__(self, *args, **kwargs) -> Mask2FormerOutput:
+    # Spelled out rather than (*args, **kwargs) so that inspect.signature, as transformers'
+    # test_forward_signature reads it, shows pixel_values first and the keywords users pass.
+    def __call__(
+        self,
+        pixel_values,
+        pixel_mask=None,
+        deterministic: bool = True,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_auxiliary_logits: Optional[bool] = None,
+    ) -> Mask2FormerOutput:
         with variants.use(variants.resolve(self.variant)), matmul_precision(self.precision):
-            return self._forward(*args, **kwargs)
+            return self._forward(
+                pixel_values,
+                pixel_mask,
+                deterministic=deterministic,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                output_auxiliary_logits=output_auxiliary_logits,
+            )
 
     @nn.compact
     def _forward(

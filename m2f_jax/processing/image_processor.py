@@ -444,17 +444,21 @@ def convert_segmentation_map_to_binary_masks(
     """One float32 binary mask per distinct value of a (H, W) map, and its class.
 
     Returns masks (N, H, W) float32 and class labels (N,) int64, in ascending order of the map
-    value; `ignore_index` gets no mask. With `do_reduce_labels` (HF semantics, kept for parity)
-    0 becomes `ignore_index` and every other value v becomes v - 1, in the map's own dtype,
-    before the values are collected; `instance_id_to_semantic_id` is then looked up with v + 1
-    and its class is decremented. Without a mapping the class is the map value itself.
+    value; `ignore_index` gets no mask. With `do_reduce_labels` 0 becomes `ignore_index`,
+    `ignore_index` stays `ignore_index`, and every other value v becomes v - 1, in the map's own
+    dtype, before the values are collected; `instance_id_to_semantic_id` is then looked up with
+    v + 1 and its class is decremented. Without a mapping the class is the map value itself.
     """
     if do_reduce_labels:
         if ignore_index is None:
             raise ValueError(
                 "do_reduce_labels=True needs ignore_index (the label that 0 is mapped to)."
             )
-        segmentation_map = np.where(segmentation_map == 0, ignore_index, segmentation_map - 1)
+        # Deliberate difference (README): transformers turns ignore_index pixels into class
+        # ignore_index - 1 (255 -> 254); its other processors' label reduction (BEiT, SegFormer,
+        # DPT) keeps them ignored, as here.
+        ignored = (segmentation_map == 0) | (segmentation_map == ignore_index)
+        segmentation_map = np.where(ignored, ignore_index, segmentation_map - 1)
     labels = np.unique(segmentation_map)
     if ignore_index is not None:
         labels = labels[labels != ignore_index]
@@ -862,6 +866,12 @@ class Mask2FormerImageProcessor:
             output_sizes = [
                 get_output_size(im.shape[:2], cfg["size"], cfg["size_divisor"]) for im in image_list
             ]
+            for index, (im, hw) in enumerate(zip(image_list, output_sizes)):
+                if min(hw) < 1:  # PIL's own message would name neither the image nor the setting
+                    raise ValueError(
+                        f"image {index} of size {tuple(im.shape[:2])} resizes to {hw} with size={cfg['size']} "
+                        f"and size_divisor={cfg['size_divisor']}: a side of 0 pixels. Use a larger size "
+                        "or pass larger images.")
             image_list = [
                 resize_image(im, hw, cfg["resample"]) for im, hw in zip(image_list, output_sizes)
             ]
@@ -937,18 +947,23 @@ class Mask2FormerImageProcessor:
         segmentation_maps=None,
         instance_id_to_semantic_id=None,
         ignore_index: Optional[int] = None,
-        do_reduce_labels: bool = False,
-        return_channels_first: bool = False,
+        do_reduce_labels: Optional[bool] = False,
+        return_tensors: Optional[str] = None,
         input_data_format=None,
+        pad_size: Optional[Dict[str, int]] = None,
+        *,
+        return_channels_first: bool = False,
     ) -> Dict[str, Any]:
-        """transformers' ``encode_inputs``: pads already processed images to the batch's largest
-        size (no resize, rescale or normalisation) and builds the mask and class targets, with
-        :meth:`preprocess`'s outputs (NHWC unless ``return_channels_first``)."""
-        overrides = dict(do_resize=False, do_rescale=False, do_normalize=False, do_reduce_labels=do_reduce_labels)
-        if ignore_index is not None:
-            overrides["ignore_index"] = ignore_index
+        """transformers' ``encode_inputs`` (transformers 4's, with its parameters in its order; 5
+        removed it): pads already processed images to the batch's largest size, or to
+        ``pad_size``, with no resize, rescale or normalisation, and builds the mask and class
+        targets, with :meth:`preprocess`'s outputs (NHWC unless ``return_channels_first``).
+        ``ignore_index`` or ``do_reduce_labels`` None: the processor's; ``return_tensors`` as
+        :meth:`preprocess`'s (None or "np")."""
+        overrides = dict(do_resize=False, do_rescale=False, do_normalize=False,
+                         do_reduce_labels=do_reduce_labels, ignore_index=ignore_index, pad_size=pad_size)
         return self.preprocess(pixel_values_list, segmentation_maps, instance_id_to_semantic_id,
-                               return_channels_first, input_data_format, **overrides)
+                               return_channels_first, input_data_format, return_tensors, **overrides)
 
     # transformers' post-processing methods: the functions of m2f_jax.processing.post_processing
     # (imported here: they use jax, the processor does not).

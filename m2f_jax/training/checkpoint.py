@@ -23,13 +23,19 @@ the background (``cleanup_tmp_directories``; ``wait_until_finished`` waits for i
 Damage after the save (a file truncated or deleted, flipped bytes, lost metadata) is detected:
 every array's CRC-32 is kept in ``extra`` (``_checksums``) and checked after a restore, and a
 step whose restore fails or whose arrays do not match is skipped by :meth:`restore_latest`,
-which falls back to the newest intact checkpoint (saying so on stderr) or raises
-:class:`DamagedCheckpointError` when none is intact.
+which falls back to the newest intact checkpoint (saying so in one line on stderr) or raises
+:class:`DamagedCheckpointError` when none is intact. What Orbax and TensorStore log or print while
+a damaged step fails to restore (possibly a traceback per array) is dropped: the first line of
+their exception is in the warning, the whole exception is chained to the error.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import sys
+import tempfile
 import zlib
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -64,6 +70,41 @@ def _register_array_handler() -> None:
 
 class DamagedCheckpointError(ValueError):
     """No checkpoint in the directory could be restored intact."""
+
+
+class _CapturedOutput:
+    text = ""
+
+
+@contextlib.contextmanager
+def _captured_output():
+    """Holds back what is logged (Python and absl logging), written to ``sys.stderr`` or written to
+    file descriptor 2 (TensorStore's C++ logs) inside the block; yields an object whose ``text``
+    is what was written (not the log records), for the caller to pass on or drop."""
+    captured = _CapturedOutput()
+    previous_disable = logging.root.manager.disable
+    previous_stderr = sys.stderr
+    text = io.StringIO()
+    sys.stderr.flush()
+    try:
+        saved_fd = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing below Python to hold back
+        saved_fd = None
+    with tempfile.TemporaryFile() as sink:
+        if saved_fd is not None:
+            os.dup2(sink.fileno(), 2)
+        logging.disable(logging.CRITICAL)
+        sys.stderr = text
+        try:
+            yield captured
+        finally:
+            sys.stderr = previous_stderr
+            logging.disable(previous_disable)
+            if saved_fd is not None:
+                os.dup2(saved_fd, 2)
+                os.close(saved_fd)
+            sink.seek(0)
+            captured.text = sink.read().decode(errors="replace") + text.getvalue()
 
 
 def _host_array(leaf) -> np.ndarray:
@@ -188,11 +229,15 @@ class CheckpointManager:
         own = os.path.join(where, "data", f"process_{jax.process_index()}-of-{jax.process_count()}.json")
         if data is not None and os.path.isfile(own):  # else the caller positions it (another process count)
             items["data"] = grain.checkpoint.CheckpointRestore(data)
-        try:
-            restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
-        except Exception as e:  # the files are at fault: Orbax and tensorstore raise many kinds
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DamagedCheckpointError(f"{where} cannot be read ({type(e).__name__}: {first})") from e
+        with _captured_output() as output:
+            try:
+                restored, error = self._manager.restore(int(step), args=ocp.args.Composite(**items)), None
+            except Exception as e:  # the files are at fault: Orbax and tensorstore raise many kinds
+                restored, error = None, e
+        if error is not None:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise DamagedCheckpointError(f"{where} cannot be read ({type(error).__name__}: {first})") from error
+        sys.stderr.write(output.text)  # an intact step's messages are the user's to see
         state, extra = restored["state"], dict(restored["extra"] or {})
         expected = extra.pop(CHECKSUMS, None)
         if expected is None:
@@ -207,22 +252,23 @@ class CheckpointManager:
 
     def restore_latest(self, abstract_state, *, data=None) -> Optional[Tuple[Any, dict]]:
         """The newest intact checkpoint ``(state, extra)``, or None when there is none at all.
-        A damaged newer one is reported on stderr, skipped and deleted (the resumed run saves
-        those steps again); when every one is damaged, :class:`DamagedCheckpointError` names
-        them and nothing is deleted. With several processes every process calls this."""
+        Damaged newer ones are skipped and deleted (the resumed run saves those steps again),
+        with one line on stderr naming them, why, and the step resumed from; when every one is
+        damaged, :class:`DamagedCheckpointError` names them and nothing is deleted. With several
+        processes every process calls this."""
         steps = sorted(self.all_steps(), reverse=True)
         problems, damaged = [], []
         for step in steps:
             try:
                 restored = self.restore(step, abstract_state, data=data)
             except DamagedCheckpointError as e:
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
                 problems.append(str(e))
                 damaged.append(step)
                 continue
             if problems:
-                print(f"warning: resuming from step {step}, the newest intact checkpoint; deleting the damaged "
-                      f"step(s) {', '.join(map(str, damaged))}", file=sys.stderr)
+                names = ", ".join(map(str, damaged))
+                print(f"warning: skipped checkpoint step(s) {names}: {'; '.join(problems)}; resuming from step "
+                      f"{step}, the newest intact checkpoint; deleting the damaged step(s) {names}", file=sys.stderr)
                 for bad in damaged:
                     self._manager.delete(bad)
             return restored

@@ -70,35 +70,45 @@ class TrainArgs:
     distributed_timeout: int = 300  # seconds to wait for every process to join
 
 
+class InitError(ValueError):
+    """``--init`` names no preset, config or checkpoint, or one that cannot be used: one line."""
+
+
 def initial_model(init: str, id2label: Dict[int, str], seed: int):
     """(config, params): a preset or a config.json from scratch, or a checkpoint to fine-tune
-    (its class head is re-initialised when the dataset's labels differ)."""
+    (its class head is re-initialised when the dataset's labels differ). Raises InitError (one
+    line naming ``init``) when ``init`` is none of these or cannot be read or does not fit."""
     import jax
     import jax.numpy as jnp
 
-    from m2f_jax.config import Mask2FormerConfig
+    from m2f_jax.config import Mask2FormerConfig, read_json_object
     from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
 
     params = None
-    if init in PRESETS:
-        config = Mask2FormerConfig.from_dict(dict(PRESETS[init], id2label=id2label))
-    elif os.path.isfile(init) and init.endswith(".json"):
-        with open(init) as f:
-            config = Mask2FormerConfig.from_dict(dict(json.load(f), id2label=id2label, label2id=None))
-    elif os.path.isdir(init) or "/" in init:
-        from m2f_jax.hub import load
+    try:
+        if init in PRESETS:
+            config = Mask2FormerConfig.from_dict(dict(PRESETS[init], id2label=id2label))
+        elif init.endswith(".json"):
+            if not os.path.isfile(init):
+                raise FileNotFoundError("no such config file.")
+            config = Mask2FormerConfig.from_dict(dict(read_json_object(init), id2label=id2label, label2id=None))
+        elif os.path.isdir(init) or "/" in init:
+            from m2f_jax.hub import load
 
-        loaded = load(init)
-        config, params = loaded.config, jax.tree_util.tree_map(np.asarray, loaded.params)
-        if config.id2label != id2label:
-            config = Mask2FormerConfig.from_dict(dict(config.to_dict(), id2label=id2label, label2id=None))
-            params = dict(params)
-            params.pop("class_predictor")  # new label set: a fresh head below
-    else:
-        raise ValueError(
-            f"--init {init!r} is neither a preset ({', '.join(PRESETS)}), a config .json file, nor a "
-            "checkpoint folder / Hub id."
-        )
+            loaded = load(init)
+            config, params = loaded.config, jax.tree_util.tree_map(np.asarray, loaded.params)
+            if config.id2label != id2label:
+                config = Mask2FormerConfig.from_dict(dict(config.to_dict(), id2label=id2label, label2id=None))
+                params = dict(params)
+                params.pop("class_predictor")  # new label set: a fresh head below
+        else:
+            raise ValueError(
+                f"neither a preset ({', '.join(PRESETS)}), a config .json file, nor a checkpoint folder / Hub id."
+            )
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        # the first line only: a checkpoint that does not fit lists every key below it
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InitError(f"--init {init}: {reason}") from e
     module = Mask2FormerForUniversalSegmentation(config)
     if params is None or "class_predictor" not in params:
         # Compiling init costs tens of seconds on CPU: only when something needs fresh weights.
@@ -109,6 +119,19 @@ def initial_model(init: str, id2label: Dict[int, str], seed: int):
         else:
             params["class_predictor"] = fresh["class_predictor"]
     return config, module, params
+
+
+def validation_processor(args: TrainArgs, num_labels: int):
+    """The processor of validation and of the export: images resized to ``val_size`` squared
+    (default: the crop size), so that validation scores what ``m2f-jax eval`` of the export gives.
+    It records the training data's label convention, so that the export's
+    ``processor(images, segmentation_maps)`` gives the classes the model was trained on: ADE-style
+    semantic maps (0 is "other", class c is c + 1) reduce their labels, and ``num_labels``."""
+    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
+
+    val_size = args.val_size or args.crop
+    return Mask2FormerImageProcessor(size={"height": val_size, "width": val_size}, size_divisor=0, ignore_index=255,
+                                     do_reduce_labels=args.format == "semantic", num_labels=num_labels)
 
 
 def validate(model, params, dataset) -> Dict[str, float]:
@@ -137,6 +160,10 @@ def nonfinite_note(step: int, metrics: Dict[str, float]) -> Optional[str]:
     gradient by 1/sqrt(eps) per block; transformers' model does the same). Clipping then scales the
     update to zero, exactly as ``torch.nn.utils.clip_grad_norm_`` does."""
     loss, grad_norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
+    if metrics.get("invalid_labels", 0) > 0:
+        return (f"step {step}: {int(metrics['invalid_labels'])} target(s) have class ids outside "
+                "[0, num_labels): the loss is NaN by design and their examples add nothing to the gradient. "
+                "Check the dataset's labels against the model's id2label.")
     if not math.isfinite(loss):
         return (f"step {step}: the loss is {loss}; the parameters are likely non-finite now. Lower "
                 "--lr or check the data (targets, image values).")
@@ -189,7 +216,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     from m2f_jax.data.pipeline import BatchIterator
     from m2f_jax.hub import Mask2Former
     from m2f_jax.modeling.criterion import LossConfig
-    from m2f_jax.processing.image_processor import Mask2FormerImageProcessor
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_sharded_train_step
@@ -236,7 +262,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         "dataset": [len(train_set), len(val_set), sorted(id2label.items())],
     })
     log_path = os.path.join(args.out, "metrics.jsonl")
-    val_size = args.val_size or args.crop
     val_every = args.val_every or args.steps
     last, val_metrics, val_initial = {}, {}, None
     nonfinite_steps = 0  # steps with a non-finite loss or gradient norm
@@ -246,8 +271,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         return manager.save(step, state, {"data": position, "config": config.to_dict()}, data=position, force=force)
 
     # the processor the export gets: validation scores what `m2f-jax eval` of the export gives
-    processor = Mask2FormerImageProcessor(size={"height": val_size, "width": val_size}, size_divisor=0,
-                                          ignore_index=255)
+    processor = validation_processor(args, len(id2label))
     val_model = None
 
     def validation(params):

@@ -177,13 +177,13 @@ def _per_example_numerators(module, cfg: LossConfig, params, example, key):
     ce_weight_sum = num_matched + (num_queries - num_matched) * cfg.no_object_weight  # (L,)
     numerators = {}
     for name, value in losses.items():
-        if name == "loss":
+        if name in ("loss", "invalid_labels"):
             continue
         if name.startswith("loss_cross_entropy"):
             numerators[name] = value * ce_weight_sum[_level_of(name)]
         else:  # loss_mask*, loss_dice*: the criterion divided by max(num_targets, 1)
             numerators[name] = value * jnp.maximum(num_targets, 1.0)
-    return numerators, num_targets, ce_weight_sum
+    return numerators, num_targets, ce_weight_sum, losses["invalid_labels"]
 
 
 # Crops below this many pixels keep one chain: each chain is compiled, and small crops (as in the
@@ -258,7 +258,7 @@ def _global_batch_losses(module, cfg, params, batch, key, axis_name, example_gro
         per_group({k: v[lo:hi] for k, v in examples.items()}, keys[lo:hi])
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
-    numerators, num_targets, ce_weight_sum = jax.tree_util.tree_map(
+    numerators, num_targets, ce_weight_sum, invalid_labels = jax.tree_util.tree_map(
         lambda *parts: jnp.concatenate(parts, axis=0), *outputs
     )
     total_targets = jnp.sum(num_targets)
@@ -272,6 +272,7 @@ def _global_batch_losses(module, cfg, params, batch, key, axis_name, example_gro
             total_ce_weight[_level_of(name)] if name.startswith("loss_cross_entropy") else num_masks
         )
         terms[name] = jnp.sum(values) / denominator
+    terms["invalid_labels"] = jnp.sum(invalid_labels)  # a count, not a loss term (see make_generic_train_step)
     return terms
 
 
@@ -293,7 +294,11 @@ def make_generic_train_step(
 ) -> Callable[..., Tuple[TrainState, Metrics]]:
     """The step machinery without the model: ``loss_terms_fn(params, batch, key) -> {name:
     scalar}`` returns this device's share of each loss term (summed over ``axis_name`` when
-    given); the loss is their sum. See :func:`make_train_step` for the rest."""
+    given); the loss is the sum of the terms whose name starts with "loss", the others (e.g.
+    ``invalid_labels``) are metrics only. See :func:`make_train_step` for the rest."""
+    def loss_of(terms):
+        return sum(value for name, value in terms.items() if name.startswith("loss"))
+
     tx, lr_fn = _split_optimizer(optimizer)
 
     def train_step(state: TrainState, batch, rng=None):
@@ -301,7 +306,7 @@ def make_generic_train_step(
 
         def loss_fn(params):
             terms = loss_terms_fn(params, batch, key)
-            return sum(terms.values()), terms
+            return loss_of(terms), terms
 
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if axis_name is not None:
@@ -311,7 +316,7 @@ def make_generic_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(terms)
-        metrics["loss"] = sum(terms.values())
+        metrics["loss"] = loss_of(terms)
         metrics["grad_norm"] = optax.tree.norm(grads)
         learning_rate = jnp.nan if lr_fn is None else lr_fn(state.step)
         metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
@@ -354,7 +359,9 @@ def make_train_step(
     The step key is ``rng`` if given, else ``fold_in(state.key, state.step)``.
     Metrics: every weighted loss term (``loss_mask``, ``loss_dice``, ``loss_cross_entropy`` and
     their ``_{i}`` auxiliary versions), ``loss``, ``grad_norm`` (global L2 norm of the gradient
-    before clipping) and ``learning_rate`` (of this step's update).
+    before clipping), ``learning_rate`` (of this step's update) and ``invalid_labels`` (valid
+    target slots of the global batch whose class is outside [0, num_labels): when > 0 the loss
+    terms are NaN and those examples add nothing to the gradient; see ``mask2former_loss``).
     """
     if isinstance(loss_config, LossConfig):
         cfg = loss_config
