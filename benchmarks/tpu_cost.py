@@ -17,10 +17,20 @@ Set-up: ``pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)
 variant of ``m2f_jax.modeling.variants``: no custom_vjp/custom_vmap, one vmap over the batch, no
 CPU compiler options); the benchmark asserts it on the traced jaxpr.
 
+**Scanned and unrolled layers.** ``forward``, ``train`` and ``table`` compile each program twice,
+with the model's ``scan_layers`` on (the default of the "xla" variant: the repeated layers as
+``lax.scan``s, ``m2f_jax.modeling.variants``) and off (unrolled), and print one row each, with
+its compile seconds. Run with an empty compilation cache (``JAX_COMPILATION_CACHE_DIR`` unset, or
+a fresh folder) for the time a user's first compile takes.
+
 **Loops are counted as often as they run.** XLA's cost analysis counts a loop body once (a
 16-step scan of matmuls reports 1/16 of its flops), so the benchmark checks every ``while`` in
-the compiled program: the model and loss have none on this variant. The only loops allowed (by
-count: as many as the matcher compiled alone has) are the Hungarian matcher's (optax's
+the compiled program. The unrolled model and the loss have none on this variant. The scanned
+model's loops are the model's scans of the traced program (checked by count): each scan body is
+compiled alone, with the shapes of one chip's share of the batch, and added for its further
+trips (its trip count - 1). A figure of a looped program as XLA reports it is never printed.
+The only other loops allowed (by count: as many as the matcher compiled alone has) are the
+Hungarian matcher's (optax's
 ``hungarian_algorithm``: a scan over the min(Q, M) rows, each with a search and a backtrack of at
 most max(Q, M) + 1 steps), whose trip count depends on the data. Their worst case is added: the
 matcher of one loss level is compiled alone (every loop body counted once), and each loop body,
@@ -122,25 +132,50 @@ def matcher_worst_case(problems: int, num_queries: int, num_targets: int, device
                 loops=len(while_loops(compiled)) * instances)
 
 
-def report(name, compiled, seconds, matcher=None, **extra) -> dict:
+def _has_loop(jaxpr) -> bool:
+    return any(eqn.primitive.name in ("scan", "while") for _, eqn in variants.equations(jaxpr))
+
+
+def scanned_layers_cost(fn, *args, device) -> dict:
+    """The model's layer scans in ``fn(*args)`` as traced (the outermost scans without loops
+    inside; the matcher's scan holds while loops): each body compiled alone on ``device``, times
+    its trips beyond the one the whole program's cost analysis counts. ``args`` are abstract, with
+    the shapes one chip computes."""
+    sharding = NamedSharding(Mesh(np.array([device]), ("d",)), P())
+    total = dict(flops=0.0, bytes=0.0, loops=0)
+    for depth, eqn in variants.equations(jax.make_jaxpr(fn)(*args)):
+        body = eqn.params.get("jaxpr") if eqn.primitive.name == "scan" else None
+        if depth or body is None or _has_loop(body):
+            continue
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=sharding) for v in body.jaxpr.invars]
+        one = costs(jax.jit(jax.extend.core.jaxpr_as_fun(body)).lower(*avals).compile())
+        total = dict(flops=total["flops"] + one["flops"] * (eqn.params["length"] - 1),
+                     bytes=total["bytes"] + one["bytes"] * (eqn.params["length"] - 1), loops=total["loops"] + 1)
+    return total
+
+
+def report(name, compiled, seconds, matcher=None, scanned=None, **extra) -> dict:
     c = costs(compiled)
     loops = while_loops(compiled)
     # XLA:TPU's own "wide" loops stream one elementwise op (here the random draws) over a large
     # array in chunks: counted as one pass over their carried arrays (read and written once).
     wide = [loop for loop in loops if loop[2].startswith("wide.body")]
     c["bytes"] += sum(2 * loop[3] for loop in wide)
-    # The only other loops allowed are the matcher's: as many as the matcher compiled alone has
-    # (the TPU program's loops carry no source file, so they are checked by count).
+    # The only other loops allowed are the matcher's (as many as the matcher compiled alone has)
+    # and the model's layer scans (as many as the traced program has); the TPU program's loops
+    # carry no source file, so they are checked by count.
     rest = [loop for loop in loops if loop not in wide]
-    allowed = matcher["loops"] if matcher else 0
-    assert len(rest) == allowed, f"{name}: {len(rest)} loops, {allowed} of them the matcher's: {rest}"
-    if matcher:
-        c = dict(flops=c["flops"] + matcher["flops"], bytes=c["bytes"] + matcher["bytes"])
+    allowed = (matcher["loops"] if matcher else 0) + (scanned["loops"] if scanned else 0)
+    assert len(rest) == allowed, f"{name}: {len(rest)} loops, {allowed} of them the matcher's and scans': {rest}"
+    for added in (matcher, scanned):
+        if added:
+            c = dict(flops=c["flops"] + added["flops"], bytes=c["bytes"] + added["bytes"])
     ma = compiled.memory_analysis()
     per_chip = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
     row = dict(program=name, **extra, compile_s=round(seconds, 1), gflops=round(c["flops"] / 1e9, 1),
                gbytes=round(c["bytes"] / 1e9, 2), while_loops=len(loops), wide_loops=len(wide),
                matcher_worst_gbytes=round(matcher["bytes"] / 1e9, 2) if matcher else 0.0,
+               scan_trips_gbytes=round(scanned["bytes"] / 1e9, 2) if scanned else 0.0,
                temp_gib=round(ma.temp_size_in_bytes / 2**30, 2), per_chip_gib=round(per_chip / 2**30, 2),
                fits_v5e=per_chip <= V5E["hbm"],
                v5e_compute_ms=round(c["flops"] / V5E["flops"] * 1e3, 2),
@@ -157,10 +192,13 @@ def _params(module):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
 
 
-def forward(h, w, b, dt):
+SCAN_SETTINGS = (True, False)  # each program with the layers scanned, then unrolled
+
+
+def forward(h, w, b, dt, scan=True):
     topo = topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu")
     rep = NamedSharding(Mesh(np.array(topo.devices[:1]), ("d",)), P())
-    module = Mask2FormerForUniversalSegmentation(swin_t_config(), dtype=DTYPES[dt], variant="xla")
+    module = Mask2FormerForUniversalSegmentation(swin_t_config(), dtype=DTYPES[dt], variant="xla", scan_layers=scan)
     params = _abstract(_params(module), rep)
     x = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=rep)
 
@@ -172,7 +210,9 @@ def forward(h, w, b, dt):
         assert_tpu_program(fwd, params, x)
     t = time.time()
     compiled = jax.jit(fwd).lower(params, x).compile()
-    return report("forward", compiled, time.time() - t, H=h, W=w, B=b, dtype=dt)
+    seconds = time.time() - t
+    scanned = scanned_layers_cost(fwd, params, x, device=topo.devices[0])
+    return report("forward", compiled, seconds, scanned=scanned, H=h, W=w, B=b, dtype=dt, scan_layers=scan)
 
 
 def parts(h, w, b, dt, grad=False):
@@ -243,7 +283,7 @@ def loss(crop, masks, dt):
     return report("loss", compiled, time.time() - t, matcher=matcher, crop=crop, masks=masks, dtype=dt)
 
 
-def train(crop, per_chip, masks, dt):
+def train(crop, per_chip, masks, dt, scan=True):
     from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import TrainState, make_train_step
@@ -253,17 +293,20 @@ def train(crop, per_chip, masks, dt):
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     batch_size = per_chip * len(topo.devices)
     cfg = swin_t_config()
-    module = Mask2FormerForUniversalSegmentation(cfg)
+    module = Mask2FormerForUniversalSegmentation(cfg, scan_layers=scan)
     params = _params(module)
     opt = make_optimizer(params, total_steps=1000)
     state = _abstract(jax.eval_shape(lambda p: TrainState.create(p, opt[0], 0), params), rep)
     step = make_train_step(module, LossConfig.from_config(cfg), opt, compute_dtype=DTYPES[dt],
                            platform=variants.platform_of(mesh))
-    batch = dict(
-        pixel_values=jax.ShapeDtypeStruct((batch_size, crop, crop, 3), jnp.float32, sharding=shard),
-        mask_labels=jax.ShapeDtypeStruct((batch_size, masks, crop, crop), jnp.float32, sharding=shard),
-        class_labels=jax.ShapeDtypeStruct((batch_size, masks), jnp.int32, sharding=shard),
-        label_valid=jax.ShapeDtypeStruct((batch_size, masks), jnp.bool_, sharding=shard))
+    def batch_of(size, sharding):
+        return dict(
+            pixel_values=jax.ShapeDtypeStruct((size, crop, crop, 3), jnp.float32, sharding=sharding),
+            mask_labels=jax.ShapeDtypeStruct((size, masks, crop, crop), jnp.float32, sharding=sharding),
+            class_labels=jax.ShapeDtypeStruct((size, masks), jnp.int32, sharding=sharding),
+            label_valid=jax.ShapeDtypeStruct((size, masks), jnp.bool_, sharding=sharding))
+
+    batch = batch_of(batch_size, shard)
     with variants.use("xla"):
         assert_tpu_program(step, state, batch)
     t = time.time()
@@ -271,8 +314,13 @@ def train(crop, per_chip, masks, dt):
         state, batch).compile()
     seconds = time.time() - t
     matcher = matcher_worst_case(per_chip, cfg.num_queries, masks, topo.devices[0], instances=cfg.decoder_layers)
-    return report("train_step", compiled, seconds, matcher=matcher, chips=len(topo.devices), crop=crop,
-                  per_chip=per_chip, masks=masks, dtype=dt)
+    # The scan bodies of one chip's share: the step traced for its per_chip examples.
+    one_chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("data",)), P())
+    with variants.use("xla"):
+        scanned = scanned_layers_cost(step, _abstract(state, one_chip), batch_of(per_chip, one_chip),
+                                      device=topo.devices[0])
+    return report("train_step", compiled, seconds, matcher=matcher, scanned=scanned, chips=len(topo.devices),
+                  crop=crop, per_chip=per_chip, masks=masks, dtype=dt, scan_layers=scan)
 
 
 def floor(h, w, dt):
@@ -312,20 +360,23 @@ def floor(h, w, dt):
 def main(argv):
     mode, args = argv[0], argv[1:]
     if mode == "forward":
-        forward(int(args[0]), int(args[1]), int(args[2]), args[3])
+        for scan in SCAN_SETTINGS:
+            forward(int(args[0]), int(args[1]), int(args[2]), args[3], scan)
     elif mode == "parts":
         parts(int(args[0]), int(args[1]), int(args[2]), args[3], grad=len(args) > 4 and args[4] == "bwd")
     elif mode == "loss":
         loss(int(args[0]), int(args[1]), args[2])
     elif mode == "train":
-        train(int(args[0]), int(args[1]), int(args[2]), args[3])
+        for scan in SCAN_SETTINGS:
+            train(int(args[0]), int(args[1]), int(args[2]), args[3], scan)
     elif mode == "floor":
         floor(int(args[0]), int(args[1]), args[2])
     elif mode == "table":
-        for h, w in ((384, 384), (800, 1088)):
-            for dt in ("bf16", "fp32"):
-                forward(h, w, 1, dt)
-        train(1024, 2, 50, "bf16")
+        for scan in SCAN_SETTINGS:
+            for h, w in ((384, 384), (800, 1088)):
+                for dt in ("bf16", "fp32"):
+                    forward(h, w, 1, dt, scan)
+            train(1024, 2, 50, "bf16", scan)
     else:
         raise SystemExit(f"unknown mode {mode!r}: forward | parts | loss | train | floor | table")
 

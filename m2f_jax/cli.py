@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--num-points", type=int, default=None,
                    help="points sampled per mask for the loss (default: the config's train_num_points)")
+    p.add_argument("--mask-loss", choices=("points", "dense"), default="points",
+                   help="points: transformers' point-sampled mask and dice losses; dense: over every cell "
+                        "of the 1/4-resolution mask logits, no sampling (README, Training)")
     p.add_argument("--max-masks", type=int, default=32, help="targets per image, padded to this static size")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip-norm", type=float, default=0.01, help="full-model gradient clipping (paper: 0.01)")

@@ -30,10 +30,11 @@ class Mask2Former:
     """
 
     @staticmethod
-    def _make_module(config, dtype, variant, precision):
+    def _make_module(config, dtype, variant, precision, scan_layers=None):
         from m2f_jax.modeling.mask2former import Mask2FormerForUniversalSegmentation
 
-        return Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant, precision=precision)
+        return Mask2FormerForUniversalSegmentation(config, dtype=dtype, variant=variant, precision=precision,
+                                                   scan_layers=scan_layers)
 
     @staticmethod
     def _checkpoint_params(params):
@@ -41,7 +42,8 @@ class Mask2Former:
         return params
 
     def __init__(self, config: Mask2FormerConfig, params=None, dtype=jnp.float32, processor=None, path=None,
-                 variant: Optional[str] = None, precision: Optional[str] = None, seed: int = 0):
+                 variant: Optional[str] = None, precision: Optional[str] = None, seed: int = 0,
+                 scan_layers: Optional[bool] = None):
         from m2f_jax.modeling import mask2former, variants
 
         if not isinstance(config, Mask2FormerConfig):
@@ -51,7 +53,7 @@ class Mask2Former:
         # the variant of the device the jitted forward runs on (JAX's default device)
         variant = variants.resolve(variant, jax.devices()[0].platform)
         mask2former.matmul_precision(precision)  # a bad value fails here, not at the first call
-        self.module = self._make_module(config, dtype, variant, precision)
+        self.module = self._make_module(config, dtype, variant, precision, scan_layers)
         if params is None:
             params = self._random_params(seed)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -64,7 +66,8 @@ class Mask2Former:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
-                        variant: Optional[str] = None, precision: Optional[str] = None):
+                        variant: Optional[str] = None, precision: Optional[str] = None,
+                        scan_layers: Optional[bool] = None):
         """Loads a checkpoint folder or Hub id (see ``m2f_jax.load``)."""
         from convert.folders import is_flax_folder, load_flax_folder, load_hf_folder
 
@@ -76,7 +79,7 @@ class Mask2Former:
 
             processor = Mask2FormerImageProcessor.from_pretrained(folder)
         return cls(config, cls._checkpoint_params(params), dtype=dtype, processor=processor, path=folder, variant=variant,
-                   precision=precision)
+                   precision=precision, scan_layers=scan_layers)
 
     def save_pretrained(self, save_directory: str) -> str:
         """Writes config.json, model.safetensors (transformers' layout: its
@@ -244,10 +247,10 @@ class Mask2FormerModel(Mask2Former):
     ``model`` weights, as transformers does."""
 
     @staticmethod
-    def _make_module(config, dtype, variant, precision):
+    def _make_module(config, dtype, variant, precision, scan_layers=None):
         from m2f_jax.modeling.mask2former import Mask2FormerModel as BareModule
 
-        return BareModule(config, dtype=dtype, variant=variant, precision=precision)
+        return BareModule(config, dtype=dtype, variant=variant, precision=precision, scan_layers=scan_layers)
 
     @staticmethod
     def _checkpoint_params(params):
@@ -372,7 +375,8 @@ def resolve(name_or_path: str, revision: Optional[str] = None) -> str:
 
 
 def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
-         variant: Optional[str] = None, precision: Optional[str] = None) -> Mask2Former:
+         variant: Optional[str] = None, precision: Optional[str] = None,
+         scan_layers: Optional[bool] = None) -> Mask2Former:
     """Loads a Mask2Former checkpoint (HF layout, or a Flax folder written by ``convert``).
 
     ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -380,9 +384,11 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
     platform of JAX's default device.
     ``precision``: the matmul/convolution precision, None (JAX's default), "default", "high" or
     "highest" (float32 on GPU and TPU; see README "Precision").
+    ``scan_layers``: the repeated layers as scans (True) or unrolled (False); the same outputs and
+    parameters. Default: off (``m2f_jax.modeling.variants``).
     """
     return Mask2Former.from_pretrained(name_or_path, dtype=dtype, revision=revision, variant=variant,
-                                       precision=precision)
+                                       precision=precision, scan_layers=scan_layers)
 
 
 def enable_compilation_cache(path: Optional[str] = None, min_compile_time_secs: float = 1.0) -> str:

@@ -17,6 +17,19 @@ uniform points, the ``int(importance_sample_ratio * P)`` most uncertain ones (un
 ``num_masks = max(number of valid targets / world, 1)``; with ``axis_name`` the count is summed
 over that mapped axis and divided by its size (transformers with accelerate).
 
+**Dense mask loss** (``LossConfig.mask_loss="dense"``; opt-in, a training choice: the default
+"points" is transformers' loss, and ``model(..., mask_labels=...)`` always uses it). The matcher's
+mask costs and the mask and dice losses are computed over every cell of the (h, w) mask logits
+instead of at points: the targets become area averages on that grid (s x s blocks, s = ceil(H /
+h), 4 for the model's targets at the input size; H and W zero-padded to s*h, s*w as the model
+pads its input), the BCE is averaged over the N = h*w cells, and dice's sums are scaled by
+P / N (P = ``train_num_points``), so that the +1 smoothing weighs what it does on P points.
+One set of pair-wise (Q x M) costs, einsums and no gathers, serves the matcher (without
+gradient) and the loss (the matched pairs, by a one-hot mask). No random points: it is the
+expected value of the uniform point loss (``importance_sample_ratio`` 0) up to the sampling's
+bilinear interpolation of the logits inside a cell; tests/test_dense_loss.py measures the gap on
+the model's own logits. There is no importance sampling of uncertain points.
+
 Static shapes: targets are padded to M slots per image (``label_valid`` marks the real ones); the
 mask terms are computed for all B*M slots and the unmatched ones are masked out.
 
@@ -43,7 +56,7 @@ All levels must have the same L.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +65,20 @@ import numpy as np
 from m2f_jax.config import Mask2FormerConfig
 from m2f_jax.modeling import variants
 from m2f_jax.modeling.deformable import sample_maps, sample_points
-from m2f_jax.modeling.matcher import Matching, _check_matcher_inputs, checked_label_valid, hungarian_matcher
+from m2f_jax.modeling.matcher import (
+    Matching,
+    _check_matcher_inputs,
+    checked_label_valid,
+    class_costs,
+    dense_mask_costs,
+    dense_targets,
+    hungarian_matcher,
+    match,
+)
 
 PREDICTION_KEYS = ("class_queries_logits", "masks_queries_logits")
+MASK_LOSSES = ("points", "dense")
+_TRAINING_ONLY = ("mask_loss",)  # LossConfig fields that Mask2FormerConfig does not have
 # transformers' list of per-level dicts, or one dict of arrays stacked on a leading level axis.
 AuxiliaryLogits = Union[Sequence[Mapping[str, jax.Array]], Mapping[str, jax.Array], None]
 
@@ -71,10 +95,16 @@ class LossConfig:
     train_num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    # A training choice, not a config.json key: "points" (transformers') or "dense" (module docstring).
+    mask_loss: str = "points"
+
+    def __post_init__(self):
+        if self.mask_loss not in MASK_LOSSES:
+            raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {self.mask_loss!r}.")
 
     @classmethod
     def from_config(cls, config: Mask2FormerConfig, **overrides) -> "LossConfig":
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.name not in _TRAINING_ONLY}
         fields.update(overrides)
         return cls(**fields)
 
@@ -152,6 +182,17 @@ def class_loss(
     no_object_weight: float,
 ) -> jax.Array:
     """Weighted-mean CE over all B*Q queries; unmatched queries target "no object" (index K)."""
+    total, weight_sum = class_loss_sums(class_queries_logits, class_labels, matching, no_object_weight)
+    return total / weight_sum
+
+
+def class_loss_sums(
+    class_queries_logits: jax.Array,
+    class_labels: jax.Array,
+    matching: Matching,
+    no_object_weight: float,
+) -> Tuple[jax.Array, jax.Array]:
+    """:func:`class_loss` as (sum of the weighted CE, sum of the class weights)."""
     batch_size, num_queries, num_classes = class_queries_logits.shape
     no_object = num_classes - 1
     matched = matching.target_to_query >= 0  # (B, M)
@@ -165,7 +206,7 @@ def class_loss(
     nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]  # (B, Q)
     class_weights = jnp.ones((num_classes,), jnp.float32).at[no_object].set(no_object_weight)
     weights = class_weights[target_classes]  # (B, Q)
-    return jnp.sum(weights * nll) / jnp.sum(weights)
+    return jnp.sum(weights * nll), jnp.sum(weights)
 
 
 def _pair_rows(matching: Matching) -> jax.Array:
@@ -257,11 +298,15 @@ def _level_losses(
     class_labels: jax.Array,
     label_valid: jax.Array,
     draws: Dict[str, jax.Array],
-    num_masks: jax.Array,
     cfg: LossConfig,
 ):
-    """Unweighted (loss_mask, loss_dice, loss_cross_entropy) of one prediction level, and its
-    matching."""
+    """Unweighted sums of one prediction level: ((mask sum over the matched pairs, dice sum, CE
+    sum, CE class-weight sum), matching). With ``cfg.mask_loss == "dense"``, ``mask_labels`` are
+    already :func:`dense_targets` on the logits' grid and ``draws`` is unused."""
+    if cfg.mask_loss == "dense":
+        return _dense_level_losses(
+            class_queries_logits, masks_queries_logits, mask_labels, class_labels, label_valid, cfg
+        )
     batch_size, num_queries, height, width = masks_queries_logits.shape
     num_slots = mask_labels.shape[1]
     num_pairs = batch_size * num_slots
@@ -310,15 +355,33 @@ def _level_losses(
     point_logits = _sample_single(pred_masks, points)  # (B*M, P)
 
     bce = jnp.mean(sigmoid_bce_with_logits(point_logits, point_labels), axis=-1)  # (B*M,)
-    loss_mask = jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks
+    mask_sum = jnp.sum(jnp.where(matched, bce, 0.0))
     probs = jax.nn.sigmoid(point_logits)
     numerator = 2.0 * jnp.sum(probs * point_labels, axis=-1)
     denominator = jnp.sum(probs, axis=-1) + jnp.sum(point_labels, axis=-1)
     dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)  # (B*M,)
-    loss_dice = jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks
+    dice_sum = jnp.sum(jnp.where(matched, dice, 0.0))
 
-    loss_ce = class_loss(class_queries_logits, class_labels, matching, cfg.no_object_weight)
-    return (loss_mask, loss_dice, loss_ce), matching
+    ce_sum, ce_weight_sum = class_loss_sums(class_queries_logits, class_labels, matching, cfg.no_object_weight)
+    return (mask_sum, dice_sum, ce_sum, ce_weight_sum), matching
+
+
+def _dense_level_losses(class_queries_logits, masks_queries_logits, targets, class_labels, label_valid, cfg):
+    """:func:`_level_losses` for ``mask_loss="dense"``: one set of pair-wise costs over every
+    cell serves the matcher (without gradient) and the loss (the matched pairs' entries)."""
+    num_slots = targets.shape[1]
+    cost_mask, cost_dice = dense_mask_costs(masks_queries_logits, targets, cfg.train_num_points)  # (B, Q, M) each
+    cost = (
+        cfg.class_weight * class_costs(jax.lax.stop_gradient(class_queries_logits), class_labels)
+        + cfg.mask_weight * cost_mask
+        + cfg.dice_weight * cost_dice
+    )
+    matching = match(cost, label_valid)
+    pairs = matching.query_to_target[:, :, None] == jnp.arange(num_slots)  # (B, Q, M) one-hot, no gather
+    mask_sum = jnp.sum(jnp.where(pairs, cost_mask, 0.0))
+    dice_sum = jnp.sum(jnp.where(pairs, cost_dice, 0.0))
+    ce_sum, ce_weight_sum = class_loss_sums(class_queries_logits, class_labels, matching, cfg.no_object_weight)
+    return (mask_sum, dice_sum, ce_sum, ce_weight_sum), matching
 
 
 def _stack_levels(
@@ -403,6 +466,27 @@ def _stack_given_points(given_points, num_levels, batch_size, cfg: LossConfig):
     return stacked
 
 
+class LossSums(NamedTuple):
+    """:func:`mask2former_loss_sums`' result: each weighted term as a sum and its denominator.
+
+    sums: {term name: scalar}, "loss_mask", "loss_dice", "loss_cross_entropy" and their "_{i}"
+      auxiliary versions, each already multiplied by its weight (NaN when ``invalid_labels`` > 0).
+    denominators: {term name: scalar}, what :func:`mask2former_loss` divides each sum by:
+      ``num_masks`` for the mask and dice terms, the level's sum of class weights (matched queries
+      1, the others ``no_object_weight``) for the cross-entropy terms.
+    num_targets: float32 scalar, the valid target slots of this call (not clamped, not summed
+      over ``axis_name``): a caller normalising over several calls sums these.
+    invalid_labels: int32 scalar (see :func:`mask2former_loss`).
+    matchings: a :class:`Matching` with a leading level axis, gradient-free.
+    """
+
+    sums: Dict[str, jax.Array]
+    denominators: Dict[str, jax.Array]
+    num_targets: jax.Array
+    invalid_labels: jax.Array
+    matchings: Matching
+
+
 def mask2former_loss(
     class_queries_logits: jax.Array,
     masks_queries_logits: jax.Array,
@@ -424,19 +508,22 @@ def mask2former_loss(
       class_queries_logits: (B, Q, K+1) final class logits.
       masks_queries_logits: (B, Q, h, w) final mask logits.
       mask_labels: (B, M, H, W) target masks, padded to M slots per image (values in [0, 1]).
+        With ``mask_loss="dense"``: at the input size, H and W tiling the logits' grid (s x s
+        cells, s = ceil(H / h); zero-padded to s * h, s * w).
       class_labels: (B, M) int target classes in [0, K) for the valid slots (anything in padded
         ones). Out of range: a ValueError for concrete arrays, NaN losses under jit (module docstring).
       label_valid: (B, M) bool, False for padded slots (default: all valid). Images without any
         valid target are fine.
       config: a :class:`LossConfig` or :class:`Mask2FormerConfig`; keyword ``config_overrides``
         (``num_labels``, ``class_weight``, ``mask_weight``, ``dice_weight``, ``no_object_weight``,
-        ``train_num_points``, ``oversample_ratio``, ``importance_sample_ratio``) replace its fields
-        or, without a config, give them (``num_labels`` required).
+        ``train_num_points``, ``oversample_ratio``, ``importance_sample_ratio``, ``mask_loss``)
+        replace its fields or, without a config, give them (``num_labels`` required).
       auxiliary_logits: the intermediate predictions, either transformers' format (a list of dicts
         with keys "class_queries_logits" and "masks_queries_logits", same shapes as the final
         ones) or one such dict of arrays stacked on a leading level axis. None: no aux losses.
-      key: PRNG key for all random points. Exactly one of ``key`` and ``given_points``.
-      given_points: replayed random points (format in the module docstring).
+      key: PRNG key for all random points. Exactly one of ``key`` and ``given_points`` with
+        ``mask_loss="points"``; with "dense", ``key`` is optional and unused.
+      given_points: replayed random points (format in the module docstring; "points" only).
       axis_name: a mapped axis (pmap/shard_map/vmap) over which ``num_masks`` is averaged.
       with_matchings: also return the matchings of all levels.
     Returns:
@@ -447,7 +534,47 @@ def mask2former_loss(
       NaN; not a loss term, so not in "loss"). With ``with_matchings``, the
       pair (losses, matchings): a :class:`Matching` whose arrays have a leading level axis
       (level 0 = final prediction, level i + 1 = auxiliary i), gradient-free.
+      :func:`mask2former_loss_sums` gives the terms as sums and denominators.
     """
+    out = mask2former_loss_sums(
+        class_queries_logits,
+        masks_queries_logits,
+        mask_labels,
+        class_labels,
+        label_valid,
+        config=config,
+        auxiliary_logits=auxiliary_logits,
+        key=key,
+        given_points=given_points,
+        axis_name=axis_name,
+        **config_overrides,
+    )
+    losses = {name: value / out.denominators[name] for name, value in out.sums.items()}
+    losses["loss"] = sum(losses.values())
+    losses["invalid_labels"] = out.invalid_labels
+    if with_matchings:
+        return losses, out.matchings
+    return losses
+
+
+def mask2former_loss_sums(
+    class_queries_logits: jax.Array,
+    masks_queries_logits: jax.Array,
+    mask_labels: jax.Array,
+    class_labels: jax.Array,
+    label_valid: Optional[jax.Array] = None,
+    *,
+    config: Union[LossConfig, Mask2FormerConfig, None] = None,
+    auxiliary_logits: AuxiliaryLogits = None,
+    key: Optional[jax.Array] = None,
+    given_points: Optional[Sequence[Mapping[str, Any]]] = None,
+    axis_name: Optional[Any] = None,
+    **config_overrides,
+) -> LossSums:
+    """:func:`mask2former_loss` (same arguments) as a :class:`LossSums`: each weighted term's sum
+    and denominator, ``sums[name] / denominators[name]`` being the loss's term, so that a caller
+    normalising over a larger batch (the train step: per example, then the global batch) adds
+    sums and denominators instead of re-deriving them."""
     cfg = _as_loss_config(config, config_overrides)
     batch_size, num_queries = _check_matcher_inputs(
         class_queries_logits, masks_queries_logits, mask_labels, class_labels
@@ -472,9 +599,18 @@ def mask2former_loss(
     levels = _stack_levels(class_queries_logits, masks_queries_logits, auxiliary_logits)
     num_levels = levels["class_queries_logits"].shape[0]
 
-    if (key is None) == (given_points is None):
+    if cfg.mask_loss == "dense":
+        if given_points is not None:
+            raise ValueError(
+                "given_points replays transformers' point draws; mask_loss='dense' draws no points "
+                "(pass neither, or a key, which it does not use)."
+            )
+        draws = {}
+        # shared by every level: the area averages on the logits' grid
+        mask_labels = dense_targets(mask_labels, masks_queries_logits.shape[2:])  # (B, M, h, w)
+    elif (key is None) == (given_points is None):
         raise ValueError("mask2former_loss needs exactly one of `key` or `given_points`.")
-    if key is not None:
+    elif key is not None:
         draws = {"key": jax.random.split(key, num_levels)}
     else:
         draws = _stack_given_points(given_points, num_levels, batch_size, cfg)
@@ -484,14 +620,7 @@ def mask2former_loss(
     def one_level(xs):
         level_class, level_masks, level_draws = xs
         return _level_losses(
-            level_class,
-            level_masks,
-            mask_labels,
-            class_labels,
-            label_valid,
-            level_draws,
-            num_masks,
-            cfg,
+            level_class, level_masks, mask_labels, class_labels, label_valid, level_draws, cfg
         )
 
     # "cpu" variant: one trace of the matcher for all levels, and one level's point buffers in
@@ -501,22 +630,24 @@ def mask2former_loss(
     level_inputs = (levels["class_queries_logits"], levels["masks_queries_logits"], draws)
     if variants.current() == "xla":
         per_level = [one_level(jax.tree.map(lambda x: x[i], level_inputs)) for i in range(num_levels)]
-        (loss_mask, loss_dice, loss_ce), matchings = jax.tree.map(lambda *xs: jnp.stack(xs), *per_level)
+        (mask_sum, dice_sum, ce_sum, ce_weight_sum), matchings = jax.tree.map(
+            lambda *xs: jnp.stack(xs), *per_level
+        )
     else:
-        (loss_mask, loss_dice, loss_ce), matchings = jax.lax.map(one_level, level_inputs)
+        (mask_sum, dice_sum, ce_sum, ce_weight_sum), matchings = jax.lax.map(one_level, level_inputs)
 
-    losses: Dict[str, jax.Array] = {}
+    sums: Dict[str, jax.Array] = {}
+    denominators: Dict[str, jax.Array] = {}
     for level in range(num_levels):
         suffix = "" if level == 0 else f"_{level - 1}"
-        losses[f"loss_mask{suffix}"] = cfg.mask_weight * loss_mask[level]
-        losses[f"loss_dice{suffix}"] = cfg.dice_weight * loss_dice[level]
-        losses[f"loss_cross_entropy{suffix}"] = cfg.class_weight * loss_ce[level]
+        sums[f"loss_mask{suffix}"] = cfg.mask_weight * mask_sum[level]
+        sums[f"loss_dice{suffix}"] = cfg.dice_weight * dice_sum[level]
+        sums[f"loss_cross_entropy{suffix}"] = cfg.class_weight * ce_sum[level]
+        denominators[f"loss_mask{suffix}"] = num_masks
+        denominators[f"loss_dice{suffix}"] = num_masks
+        denominators[f"loss_cross_entropy{suffix}"] = ce_weight_sum[level]
     # where, not +NaN: NaN terms and a zero gradient, so one bad example of a train step does not
     # turn the parameters into NaN (its loss metric and the flag say what happened)
-    losses = {name: jnp.where(invalid_labels > 0, jnp.nan, value) for name, value in losses.items()}
-    losses["loss"] = sum(losses.values())
-    losses["invalid_labels"] = invalid_labels
-    if with_matchings:
-        return losses, matchings
-    return losses
-
+    sums = {name: jnp.where(invalid_labels > 0, jnp.nan, value) for name, value in sums.items()}
+    num_targets = jnp.sum(label_valid.astype(jnp.float32))
+    return LossSums(sums, denominators, num_targets, invalid_labels, matchings)

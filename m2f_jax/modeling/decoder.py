@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling import variants
 from m2f_jax.modeling.activations import ACTIVATIONS
 from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.dense import Dense
@@ -124,6 +125,26 @@ class MaskPredictor(nn.Module):
         return masks, blocked
 
 
+def decoder_step(layer, norm, predictor, hidden, blocked, memory, memory_pos, target_size, mask_features,
+                 layerdrop_rate: float = 0.0, layerdrop_key=None):
+    """One decoder layer and the prediction after it. ``layer(hidden, memory, memory_pos,
+    blocked)``, ``norm`` and ``predictor`` are the bound modules or their params applied.
+    Returns (hidden, blocked for the next layer, (self-attention probs, normed hidden, mask))."""
+    # A query blocked from every key attends everywhere instead.
+    all_blocked = jnp.all(blocked, axis=-1, keepdims=True)  # (B, 1, Q, 1)
+    blocked = jnp.logical_and(blocked, jnp.logical_not(all_blocked))
+    new_hidden, probs = layer(hidden, memory, memory_pos, blocked)
+    if layerdrop_key is not None and layerdrop_rate > 0:
+        # LayerDrop with probability config.dropout. Differs from transformers, which drops
+        # the prediction of a skipped layer too (and then mis-sizes the next mask): here
+        # the layer is an identity and every prediction is kept, so shapes stay static.
+        skip = jax.random.uniform(layerdrop_key, ()) < layerdrop_rate
+        new_hidden = jnp.where(skip, hidden, new_hidden)
+    y = norm(new_hidden)
+    mask, blocked = predictor(y, mask_features, target_size)
+    return new_hidden, blocked, (probs, y, mask)
+
+
 class MaskedAttentionDecoder(nn.Module):
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
@@ -137,29 +158,81 @@ class MaskedAttentionDecoder(nn.Module):
         y = decoder_norm(hidden)
         mask, blocked = predictor(y, mask_features, size_list[0])
         intermediate, masks, history, attentions = [y], [mask], [], []
-        for idx in range(cfg.decoder_layers - 1):
+        num_layers = cfg.decoder_layers - 1
+        rounds = num_layers // NUM_FEATURE_LEVELS
+        start = 0
+        if rounds > 1 and variants.scan_layers() and not self.is_initializing():
+            hidden, blocked, per_layer = self._scan_rounds(
+                rounds, decoder_norm, predictor, hidden, blocked, query_pos, memories, memory_pos, size_list,
+                mask_features, deterministic,
+            )
+            for before, (probs, y, mask) in per_layer:
+                history.append(before)
+                attentions.append(probs)
+                intermediate.append(y)
+                masks.append(mask)
+            start = rounds * NUM_FEATURE_LEVELS
+        for idx in range(start, num_layers):
             history.append(hidden)
             level = idx % NUM_FEATURE_LEVELS
-            # A query blocked from every key attends everywhere instead.
-            all_blocked = jnp.all(blocked, axis=-1, keepdims=True)  # (B, 1, Q, 1)
-            blocked = jnp.logical_and(blocked, jnp.logical_not(all_blocked))
-            new_hidden, probs = DecoderLayer(cfg, self.dtype, name=f"layers_{idx}")(
-                hidden, query_pos, memories[level], memory_pos[level], blocked, deterministic
+            layer = DecoderLayer(cfg, self.dtype, name=f"layers_{idx}")
+            layerdrop = not deterministic and cfg.dropout > 0
+            hidden, blocked, (probs, y, mask) = decoder_step(
+                lambda h, m, mp, b: layer(h, query_pos, m, mp, b, deterministic),
+                decoder_norm, predictor, hidden, blocked, memories[level], memory_pos[level],
+                size_list[(idx + 1) % NUM_FEATURE_LEVELS], mask_features,
+                cfg.dropout, self.make_rng("dropout") if layerdrop else None,
             )
-            if not deterministic and cfg.dropout > 0:
-                # LayerDrop with probability config.dropout. Differs from transformers, which drops
-                # the prediction of a skipped layer too (and then mis-sizes the next mask): here
-                # the layer is an identity and every prediction is kept, so shapes stay static.
-                skip = jax.random.uniform(self.make_rng("dropout"), ()) < cfg.dropout
-                new_hidden = jnp.where(skip, hidden, new_hidden)
-            hidden = new_hidden
             attentions.append(probs)
-            y = decoder_norm(hidden)
-            mask, blocked = predictor(y, mask_features, size_list[(idx + 1) % NUM_FEATURE_LEVELS])
             intermediate.append(y)
             masks.append(mask)
         history.append(hidden)
         return hidden, intermediate, masks, history, attentions
+
+    def _scan_rounds(self, rounds, decoder_norm, predictor, hidden, blocked, query_pos, memories, memory_pos,
+                     size_list, mask_features, deterministic):
+        """Layers 0 .. rounds*L-1 as a scan over rounds of one layer per feature level (L levels,
+        so every trip reads the same levels in the same order); the levels' memories, the norm and
+        the mask predictor are loop invariants. Returns (hidden, blocked, per layer (hidden before
+        it, (probs, normed hidden, mask)))."""
+        cfg = self.config
+        params = self.variables["params"]
+        layer = DecoderLayer(cfg, self.dtype, parent=None)
+        norm_params, predictor_params = params["layernorm"], params["mask_predictor"]
+        norm, predict = decoder_norm.clone(parent=None), predictor.clone(parent=None)
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), rounds)
+
+        def round_(carry, trip):
+            hidden, blocked = carry
+            layer_params, key = trip
+            layer_keys = [None] * NUM_FEATURE_LEVELS if key is None else jax.random.split(key, NUM_FEATURE_LEVELS)
+            outputs = []
+            for level in range(NUM_FEATURE_LEVELS):
+                dropout_key, layerdrop_key = (None, None) if key is None else jax.random.split(layer_keys[level])
+
+                def apply_layer(h, m, mp, b, p=layer_params[level], k=dropout_key):
+                    return layer.apply({"params": p}, h, query_pos, m, mp, b, deterministic,
+                                       rngs=None if k is None else {"dropout": k})
+
+                before = hidden
+                hidden, blocked, out = decoder_step(
+                    apply_layer,
+                    lambda y: norm.apply({"params": norm_params}, y),
+                    lambda y, f, size: predict.apply({"params": predictor_params}, y, f, size),
+                    hidden, blocked, memories[level], memory_pos[level],
+                    size_list[(level + 1) % NUM_FEATURE_LEVELS], mask_features, cfg.dropout, layerdrop_key,
+                )
+                outputs.append((before, out))
+            return (hidden, blocked), outputs
+
+        trips = [
+            ([params[f"layers_{r * NUM_FEATURE_LEVELS + level}"] for level in range(NUM_FEATURE_LEVELS)],
+             None if keys is None else keys[r])
+            for r in range(rounds)
+        ]
+        (hidden, blocked), stacked = variants.scan_trips(round_, (hidden, blocked), trips)
+        per_layer = [layer_out for trip in variants.unstack(stacked, rounds) for layer_out in trip]
+        return hidden, blocked, per_layer
 
 
 class TransformerModule(nn.Module):

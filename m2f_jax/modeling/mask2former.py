@@ -111,16 +111,18 @@ class PixelLevelModule(nn.Module):
 
 
 class Mask2FormerModel(nn.Module):
-    """transformers' bare ``Mask2FormerModel`` (no class head); ``variant`` and ``precision`` as in
-    :class:`Mask2FormerForUniversalSegmentation` (None inside it: the enclosing model's)."""
+    """transformers' bare ``Mask2FormerModel`` (no class head); ``variant``, ``precision`` and
+    ``scan_layers`` as in :class:`Mask2FormerForUniversalSegmentation` (None inside it: the
+    enclosing model's)."""
 
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
     variant: Optional[str] = None
     precision: Optional[str] = None
+    scan_layers: Optional[bool] = None
 
     def __call__(self, pixel_values, deterministic: bool = True):
-        with variants.use(variants.resolve(self.variant)), matmul_precision(self.precision):
+        with backend_settings(self.variant, self.precision, self.scan_layers):
             return self._forward(pixel_values, deterministic)
 
     @nn.compact
@@ -145,6 +147,16 @@ def matmul_precision(precision: Optional[str]):
     return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
 
 
+@contextlib.contextmanager
+def backend_settings(variant: Optional[str], precision: Optional[str], scan_layers: Optional[bool]):
+    """The variant, matmul precision and layer scanning a model's fields (or, None, the enclosing
+    ones) give, for the program traced inside."""
+    variant = variants.resolve(variant)
+    with variants.use(variant), matmul_precision(precision):
+        with variants.use_scan_layers(variants.resolve_scan_layers(scan_layers, variant)):
+            yield
+
+
 class Mask2FormerForUniversalSegmentation(nn.Module):
     """Call with ``pixel_values`` (B, H, W, 3). ``pixel_mask`` is accepted and ignored, as in
     transformers (padded pixels are processed as image content).
@@ -156,12 +168,18 @@ class Mask2FormerForUniversalSegmentation(nn.Module):
     None keeps JAX's (``jax.default_matmul_precision``, default "default"). For float32 inputs
     "default" is one bfloat16 pass on TPU and TF32 on GPU, "high" three bfloat16 passes on TPU,
     "highest" float32; XLA:CPU computes float32 at every setting.
+
+    ``scan_layers``: the repeated layers as scans over their stacked parameters, each trip
+    rematerialised with a named policy (``m2f_jax.modeling.variants``), or unrolled (False): the
+    same outputs and the same (unrolled) parameters. None: the one ``variants.use_scan_layers``
+    set, else off.
     """
 
     config: Mask2FormerConfig
     dtype: jnp.dtype = jnp.float32
     variant: Optional[str] = None
     precision: Optional[str] = None
+    scan_layers: Optional[bool] = None
 
     # Spelled out rather than (*args, **kwargs) so that inspect.signature, as transformers'
     # test_forward_signature reads it, shows pixel_values first and the keywords users pass.
@@ -174,7 +192,7 @@ class Mask2FormerForUniversalSegmentation(nn.Module):
         output_attentions: Optional[bool] = None,
         output_auxiliary_logits: Optional[bool] = None,
     ) -> Mask2FormerOutput:
-        with variants.use(variants.resolve(self.variant)), matmul_precision(self.precision):
+        with backend_settings(self.variant, self.precision, self.scan_layers):
             return self._forward(
                 pixel_values,
                 pixel_mask,

@@ -10,6 +10,12 @@ random points shared by all its predictions and targets,
 followed by an exact minimum-cost assignment (``optax.assignment.hungarian_algorithm``, vmapped
 over the batch; no host callback).
 
+Opt-in, not transformers' (``mask_loss="dense"``, the training loss's option): the two mask
+costs over every cell of the (h, w) mask-logit grid instead of at points, the targets as area
+averages on that grid (:func:`dense_targets`), by einsums; dice's sums are scaled by P / (h*w) so
+that its +1 smoothing weighs what it does on P points. tests/test_dense_loss.py measures how
+close this is to the uniform point costs' expected value.
+
 Static shapes: targets are padded to M slots per image, with ``label_valid`` (B, M) marking the
 real ones. A padded slot is never matched, and matching the valid slots gives the same optimum as
 scipy's ``linear_sum_assignment`` on transformers' unpadded (Q, N_i) cost matrix.
@@ -127,34 +133,21 @@ def invert_matching(target_to_query: jax.Array, num_queries: int) -> jax.Array:
     )
 
 
-def matching_costs(
-    class_queries_logits: jax.Array,
-    masks_queries_logits: jax.Array,
-    mask_labels: jax.Array,
-    class_labels: jax.Array,
-    points: jax.Array,
-    *,
-    class_weight: float = 2.0,
-    mask_weight: float = 5.0,
-    dice_weight: float = 5.0,
-) -> jax.Array:
-    """Matching cost of every (query, target slot) pair, as transformers' matcher.
-
-    Args:
-      class_queries_logits: (B, Q, K+1).
-      masks_queries_logits: (B, Q, h, w).
-      mask_labels: (B, M, H, W), values in [0, 1].
-      class_labels: (B, M) int; padded slots may hold anything.
-      points: (B, P, 2) as (x, y) in [0, 1], shared by the predictions and targets of an image.
-    Returns:
-      (B, Q, M) float32 costs (padded slots are not masked here).
-    """
-    num_points = points.shape[1]
+def class_costs(class_queries_logits: jax.Array, class_labels: jax.Array) -> jax.Array:
+    """(B, Q, K+1) logits, (B, M) labels -> (B, Q, M) ``-softmax(class logits)[target class]``."""
     num_classes = class_queries_logits.shape[-1]
     probs = jax.nn.softmax(class_queries_logits.astype(jnp.float32), axis=-1)  # (B, Q, K+1)
     labels = jnp.clip(class_labels.astype(jnp.int32), 0, num_classes - 1)
-    cost_class = -jnp.take_along_axis(probs, labels[:, None, :], axis=2)  # (B, Q, M)
+    return -jnp.take_along_axis(probs, labels[:, None, :], axis=2)  # (B, Q, M)
 
+
+def point_mask_costs(
+    masks_queries_logits: jax.Array, mask_labels: jax.Array, points: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
+    """transformers' pair-wise mask costs on shared points: (B, Q, h, w) logits, (B, M, H, W)
+    targets, (B, P, 2) points -> (sigmoid BCE averaged over the points, dice loss with +1
+    smoothing), each (B, Q, M) and unweighted."""
+    num_points = points.shape[1]
     # Channels-last so one sampler call reads all Q (or M) masks of an image at its P points.
     pred = sample_points(
         jnp.transpose(masks_queries_logits.astype(jnp.float32), (0, 2, 3, 1)), points
@@ -174,8 +167,104 @@ def matching_costs(
     numerator = 2.0 * jnp.einsum("bpq,bpm->bqm", probs_mask, target, precision=_HIGHEST)
     denominator = probs_mask.sum(1)[:, :, None] + target.sum(1)[:, None, :]  # (B, Q, M)
     cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+    return cost_mask, cost_dice
 
+
+def dense_targets(mask_labels: jax.Array, grid_shape: Tuple[int, int]) -> jax.Array:
+    """(B, M, H, W) masks -> (B, M, h, w) float32 area averages over the cells of the mask-logit
+    grid: s x s blocks with s = ceil(H / h), after zero-padding H and W to s * h and s * w (the
+    model's grid: its stride-4 features of an H x W input are ceil(H / 4) x ceil(W / 4), the
+    padded pixels being zeros). Reshapes and a mean: no gather."""
+    batch_size, num_slots, height, width = mask_labels.shape
+    grid_h, grid_w = grid_shape
+    stride = -(-height // grid_h)
+    if stride < 1 or -(-height // stride) != grid_h or -(-width // stride) != grid_w:
+        raise ValueError(
+            f"dense mask loss: mask_labels of size {height}x{width} do not tile the {grid_h}x{grid_w} "
+            f"mask-logit grid; expected ceil(H / s) = {grid_h} and ceil(W / s) = {grid_w} for one "
+            f"integer stride s (the model's is 4: targets at the input size)."
+        )
+    masks = mask_labels.astype(jnp.float32)
+    masks = jnp.pad(masks, ((0, 0), (0, 0), (0, stride * grid_h - height), (0, stride * grid_w - width)))
+    masks = masks.reshape(batch_size, num_slots, grid_h, stride, grid_w, stride)  # (B, M, h, s, w, s)
+    return masks.mean(axis=(3, 5))  # (B, M, h, w)
+
+
+def dense_mask_costs(
+    masks_queries_logits: jax.Array, targets: jax.Array, num_points: int
+) -> Tuple[jax.Array, jax.Array]:
+    """The point costs' expected value without points: (B, Q, h, w) logits, (B, M, h, w) targets
+    (:func:`dense_targets`) -> (sigmoid BCE averaged over all h*w cells, dice loss), each
+    (B, Q, M), unweighted and differentiable.
+
+    Dice's sums are scaled by ``num_points / (h*w)``: the point sums over P points estimate
+    P / (h*w) times the cell sums, so the +1 smoothing keeps the weight it has in the point loss.
+    """
+    batch_size, num_queries, grid_h, grid_w = masks_queries_logits.shape
+    num_cells = grid_h * grid_w
+    logits = masks_queries_logits.astype(jnp.float32).reshape(batch_size, num_queries, num_cells)  # (B, Q, N)
+    target = targets.astype(jnp.float32).reshape(batch_size, targets.shape[1], num_cells)  # (B, M, N)
+    # Two non-negative einsums rather than softplus(x) - x * t: no cancellation for large |x|.
+    cost_mask = (
+        jnp.einsum("bqn,bmn->bqm", jax.nn.softplus(-logits), target, precision=_HIGHEST)
+        + jnp.einsum("bqn,bmn->bqm", jax.nn.softplus(logits), 1.0 - target, precision=_HIGHEST)
+    ) / num_cells  # (B, Q, M)
+    scale = num_points / num_cells
+    probs = jax.nn.sigmoid(logits)  # (B, Q, N)
+    numerator = 2.0 * scale * jnp.einsum("bqn,bmn->bqm", probs, target, precision=_HIGHEST)
+    denominator = scale * (probs.sum(-1)[:, :, None] + target.sum(-1)[:, None, :])  # (B, Q, M)
+    cost_dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+    return cost_mask, cost_dice
+
+
+def matching_costs(
+    class_queries_logits: jax.Array,
+    masks_queries_logits: jax.Array,
+    mask_labels: jax.Array,
+    class_labels: jax.Array,
+    points: Optional[jax.Array] = None,
+    *,
+    class_weight: float = 2.0,
+    mask_weight: float = 5.0,
+    dice_weight: float = 5.0,
+    mask_loss: str = "points",
+    num_points: Optional[int] = None,
+) -> jax.Array:
+    """Matching cost of every (query, target slot) pair, as transformers' matcher.
+
+    Args:
+      class_queries_logits: (B, Q, K+1).
+      masks_queries_logits: (B, Q, h, w).
+      mask_labels: (B, M, H, W), values in [0, 1].
+      class_labels: (B, M) int; padded slots may hold anything.
+      points: (B, P, 2) as (x, y) in [0, 1], shared by the predictions and targets of an image
+        (``mask_loss="points"``).
+      mask_loss: "points" (transformers') or "dense" (:func:`dense_mask_costs` over every cell
+        of the mask-logit grid, targets by :func:`dense_targets`; ``num_points`` = P scales dice).
+    Returns:
+      (B, Q, M) float32 costs (padded slots are not masked here).
+    """
+    if mask_loss == "points":
+        if points is None:
+            raise ValueError('matching_costs with mask_loss="points" needs `points` (B, P, 2).')
+        cost_mask, cost_dice = point_mask_costs(masks_queries_logits, mask_labels, points)
+    elif mask_loss == "dense":
+        if num_points is None:
+            raise ValueError('matching_costs with mask_loss="dense" needs `num_points` (P, for dice).')
+        targets = dense_targets(mask_labels, masks_queries_logits.shape[2:])
+        cost_mask, cost_dice = dense_mask_costs(masks_queries_logits, targets, num_points)
+    else:
+        raise ValueError(f'mask_loss must be "points" or "dense", got {mask_loss!r}.')
+    cost_class = class_costs(class_queries_logits, class_labels)
     return mask_weight * cost_mask + class_weight * cost_class + dice_weight * cost_dice
+
+
+def match(cost: jax.Array, label_valid: jax.Array) -> Matching:
+    """(B, Q, M) costs, (B, M) bool -> the minimum-cost :class:`Matching` (gradient-free)."""
+    cost = jax.lax.stop_gradient(cost)
+    target_to_query = hungarian_assignment(cost, label_valid.astype(bool))  # (B, M)
+    query_to_target = invert_matching(target_to_query, cost.shape[1])  # (B, Q)
+    return jax.lax.stop_gradient(Matching(target_to_query, query_to_target))
 
 
 def hungarian_matcher(
@@ -191,6 +280,7 @@ def hungarian_matcher(
     class_weight: float = 2.0,
     mask_weight: float = 5.0,
     dice_weight: float = 5.0,
+    mask_loss: str = "points",
 ) -> Matching:
     """Matches queries to the valid target slots of each image (transformers' matcher, jittable).
 
@@ -201,8 +291,11 @@ def hungarian_matcher(
       class_labels: (B, M) int.
       label_valid: (B, M) bool, False for padded slots. Default: all valid.
       points: (B, P, 2) uniform points in [0, 1) to use (e.g. transformers' ``torch.rand(1, P, 2)``
-        draws, one per image, concatenated). Exactly one of ``points`` and ``key`` is required.
+        draws, one per image, concatenated). Exactly one of ``points`` and ``key`` is required
+        with ``mask_loss="points"``; neither is used with ``"dense"``.
       key: PRNG key; draws ``points`` of shape (B, num_points, 2).
+      mask_loss: "points" (transformers') or "dense": the mask costs over every cell of the
+        mask-logit grid (:func:`dense_mask_costs`, dice's sums scaled by ``num_points`` / cells).
     Returns:
       A :class:`Matching`, wrapped in ``stop_gradient`` (no gradient flows through the matcher).
     """
@@ -210,9 +303,11 @@ def hungarian_matcher(
         class_queries_logits, masks_queries_logits, mask_labels, class_labels
     )
     label_valid = checked_label_valid(label_valid, batch_size, mask_labels.shape[1])
-    if (points is None) == (key is None):
+    if mask_loss == "dense":
+        points = None
+    elif (points is None) == (key is None):
         raise ValueError("hungarian_matcher needs exactly one of `points` or `key`.")
-    if points is None:
+    elif points is None:
         points = jax.random.uniform(key, (batch_size, num_points, 2), jnp.float32)
     elif points.ndim != 3 or points.shape[0] != batch_size or points.shape[2] != 2:
         raise ValueError(
@@ -224,14 +319,14 @@ def hungarian_matcher(
         jax.lax.stop_gradient(masks_queries_logits),
         mask_labels,
         class_labels,
-        jax.lax.stop_gradient(points),
+        None if points is None else jax.lax.stop_gradient(points),
         class_weight=class_weight,
         mask_weight=mask_weight,
         dice_weight=dice_weight,
+        mask_loss=mask_loss,
+        num_points=num_points,
     )  # (B, Q, M)
-    target_to_query = hungarian_assignment(cost, label_valid.astype(bool))  # (B, M)
-    query_to_target = invert_matching(target_to_query, num_queries)  # (B, Q)
-    return jax.lax.stop_gradient(Matching(target_to_query, query_to_target))
+    return match(cost, label_valid)
 
 
 def checked_label_valid(label_valid, batch_size: int, num_slots: int) -> jax.Array:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2f_jax.config import Mask2FormerConfig
+from m2f_jax.modeling import variants
 from m2f_jax.modeling.conv import Conv2d
 from m2f_jax.modeling.dense import Dense
 from m2f_jax.modeling.deformable import MultiscaleDeformableAttention
@@ -115,10 +116,33 @@ class PixelDecoderEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, position_embeddings, ref_points, spatial_shapes, deterministic):
-        for i in range(self.config.encoder_layers):
+        num_layers = self.config.encoder_layers
+        if num_layers > 1 and variants.scan_layers() and not self.is_initializing():
+            return self._scan_layers(hidden_states, position_embeddings, ref_points, spatial_shapes, deterministic)
+        for i in range(num_layers):
             hidden_states, _ = PixelDecoderEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(
                 hidden_states, position_embeddings, ref_points, spatial_shapes, deterministic
             )
+        return hidden_states
+
+    def _scan_layers(self, hidden_states, position_embeddings, ref_points, spatial_shapes, deterministic):
+        """All layers as one scan over their unrolled params; positions and reference points are
+        loop invariants."""
+        num_layers = self.config.encoder_layers
+        layer = PixelDecoderEncoderLayer(self.config, self.dtype, parent=None)
+        params = self.variables["params"]
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), num_layers)
+
+        def step(hidden_states, trip):
+            p, key = trip
+            hidden_states, _ = layer.apply(
+                {"params": p}, hidden_states, position_embeddings, ref_points, spatial_shapes, deterministic,
+                rngs=None if key is None else {"dropout": key},
+            )
+            return hidden_states, None
+
+        trips = [(params[f"layers_{i}"], None if keys is None else keys[i]) for i in range(num_layers)]
+        hidden_states, _ = variants.scan_trips(step, hidden_states, trips)
         return hidden_states
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2f_jax.config import SwinConfig
+from m2f_jax.modeling import variants
 from m2f_jax.modeling.activations import activation
 from m2f_jax.modeling.dense import Dense
 
@@ -169,7 +170,8 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Stochastic depth: zeroes whole samples with probability ``rate``, rescales the rest."""
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+    # In x's dtype, as a Python float rate is: an array rate (a scanned stage's) must not promote.
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +287,9 @@ class SwinLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, drop_path_rate: Optional[jax.Array] = None):
+        """``drop_path_rate``: this block's rate as an array, in place of the field (a scanned
+        stage runs blocks of different rates through one program)."""
         # x: (B, H, W, C)
         cfg = self.config
         ws, shift = cfg.window_size, self.shift_size
@@ -312,8 +316,10 @@ class SwinLayer(nn.Module):
             attn = jnp.roll(attn, (shift, shift), axis=(1, 2))
         attn = attn[:, :h, :w]  # (B, H, W, C)
         # HF quirk kept for parity: drop-path on the attention branch only, not the MLP's.
-        if self.drop_path_rate > 0.0 and not deterministic:
-            attn = drop_path(attn, self.drop_path_rate, self.make_rng("dropout"))
+        if drop_path_rate is None:
+            drop_path_rate = self.drop_path_rate if self.drop_path_rate > 0.0 else None
+        if drop_path_rate is not None and not deterministic:
+            attn = drop_path(attn, drop_path_rate, self.make_rng("dropout"))
         x = shortcut + attn
 
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layernorm_after")(x)
@@ -348,22 +354,51 @@ class SwinStage(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         """Returns (stage output before merging (B, H, W, C), input of the next stage or None)."""
-        for i in range(self.depth):
-            x = SwinLayer(
-                self.config,
-                self.dim,
-                self.num_heads,
-                shift_size=0 if i % 2 == 0 else self.config.window_size // 2,
-                drop_path_rate=self.drop_path_rates[i],
-                dtype=self.dtype,
-                name=f"blocks_{i}",
-            )(x, deterministic)
+        pairs = self.depth // 2
+        scanned = 0
+        if pairs > 1 and variants.scan_layers() and not self.is_initializing():
+            x = self._scan_pairs(x, pairs, deterministic)
+            scanned = 2 * pairs
+        for i in range(scanned, self.depth):
+            x = self._block(i, name=f"blocks_{i}")(x, deterministic)
         if not self.downsample:
             return x, None
         merged = SwinPatchMerging(
             self.dim, self.dtype, _dense_init(self.config), name="downsample"
         )(x)  # (B, ceil(H/2), ceil(W/2), 2C)
         return x, merged
+
+    def _block(self, i: int, **kwargs) -> SwinLayer:
+        return SwinLayer(
+            self.config,
+            self.dim,
+            self.num_heads,
+            shift_size=0 if i % 2 == 0 else self.config.window_size // 2,
+            drop_path_rate=self.drop_path_rates[i],
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+    def _scan_pairs(self, x, pairs: int, deterministic: bool):
+        """Blocks 0 .. 2*pairs-1 as a scan over (regular, shifted) pairs of the unrolled params."""
+        regular, shifted = self._block(0, parent=None), self._block(1, parent=None)
+        params = self.variables["params"]
+        rates = np.asarray(self.drop_path_rates[: 2 * pairs], np.float32).reshape(pairs, 2)
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), pairs)
+
+        def pair(x, trip):
+            p_regular, p_shifted, rate, key = trip
+            rngs = [None, None] if key is None else [{"dropout": k} for k in jax.random.split(key)]
+            x = regular.apply({"params": p_regular}, x, deterministic, rate[0], rngs=rngs[0])
+            x = shifted.apply({"params": p_shifted}, x, deterministic, rate[1], rngs=rngs[1])
+            return x, None
+
+        trips = [
+            (params[f"blocks_{2 * k}"], params[f"blocks_{2 * k + 1}"], rates[k], None if keys is None else keys[k])
+            for k in range(pairs)
+        ]
+        x, _ = variants.scan_trips(pair, x, trips)
+        return x
 
 
 class SwinEncoder(nn.Module):

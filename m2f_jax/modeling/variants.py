@@ -29,14 +29,26 @@ variant="xla")`` (or ``"cpu"``); layers used on their own read :func:`current`, 
         out = swin.apply(params, pixels)  # traced with the plain program
 
 Layers ask once, at trace time; a jitted function keeps the variant it was traced with.
+
+**Scanned layers** (MaxText's ``scan_layers``), a setting beside the variant: the repeated layers
+(Swin blocks in (regular, shifted) pairs, the pixel decoder's encoder layers, the transformer
+decoder's layers in rounds of one per feature level) run as one ``lax.scan`` over their stacked
+parameters, each trip under ``jax.checkpoint`` with the named policy :data:`REMAT_POLICY`, so that
+the compiled program does not grow with depth. Off: the same layers unrolled. The parameters are
+the unrolled ones either way (``blocks_0``, ``layers_0``, ...); the scanning module stacks them
+when it is called. Default (None): off, on every platform, until the TPU compile times of
+``benchmarks/tpu_cost.py`` on an unloaded host show it helps (benchmarks/README.md). Set it for a whole
+model with ``Mask2FormerForUniversalSegmentation(config, scan_layers=...)``; layers used on their
+own read :func:`scan_layers`, which ``use_scan_layers(...)`` sets.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 VARIANTS = ("xla", "cpu")
@@ -79,6 +91,54 @@ def use(variant: str) -> Iterator[str]:
         yield variant
     finally:
         _current.reset(token)
+
+
+_scan_layers: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("m2f_jax_scan_layers", default=None)
+
+# Saves the matmuls with no batch dimension (the layers' projections) and recomputes the rest of a
+# trip (attention products, norms, activations) in the backward, as MaxText's "minimal" policy.
+REMAT_POLICY = "dots_with_no_batch_dims_saveable"
+
+
+def resolve_scan_layers(scan: Optional[bool] = None, variant: Optional[str] = None) -> bool:
+    """``scan`` if given, else the one ``use_scan_layers`` set, else off (``variant`` is kept for a
+    default per variant)."""
+    if scan is not None:
+        return bool(scan)
+    current_scan = _scan_layers.get()
+    if current_scan is not None:
+        return current_scan
+    resolve(variant)  # a bad variant still fails here
+    return False
+
+
+def scan_layers() -> bool:
+    """Whether a layer stack traced now runs as a scan (see the module docstring)."""
+    return resolve_scan_layers()
+
+
+@contextlib.contextmanager
+def use_scan_layers(scan: bool) -> Iterator[bool]:
+    """Layer stacks traced inside this block are scanned (True) or unrolled (False)."""
+    token = _scan_layers.set(bool(scan))
+    try:
+        yield bool(scan)
+    finally:
+        _scan_layers.reset(token)
+
+
+def scan_trips(body: Callable, carry: Any, trips: Sequence[Any]) -> Tuple[Any, Any]:
+    """``lax.scan`` of ``body(carry, trip) -> (carry, y)`` over ``trips`` (one pytree per trip, all
+    of one structure: the trip's parameters, dropout keys, rates), stacked here, each trip under
+    ``jax.checkpoint`` with :data:`REMAT_POLICY`. Returns (carry, ys stacked on a leading axis)."""
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *trips)
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICY)
+    return jax.lax.scan(jax.checkpoint(body, policy=policy, prevent_cse=False), carry, stacked)
+
+
+def unstack(tree: Any, count: int) -> list:
+    """The ``count`` slices of a pytree of arrays stacked on a leading axis, as a list."""
+    return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(count)]
 
 
 def platform_of(devices) -> str:

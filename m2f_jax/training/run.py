@@ -61,6 +61,7 @@ class TrainArgs:
     val_size: Optional[int] = None  # eval resize; default: the crop size
     val_first: bool = False  # also validate the initial weights (a baseline in the log and summary)
     num_points: Optional[int] = None  # points per mask for the loss; default: config.train_num_points
+    mask_loss: str = "points"  # LossConfig.mask_loss: "points" (transformers') or "dense"; not in config.json
     progress: bool = True
     # several processes (jax.distributed); batch_size is the global batch
     coordinator_address: Optional[str] = None  # host:port of process 0
@@ -200,6 +201,13 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def loss_config(config, args: TrainArgs):
+    """The run's ``LossConfig``: the model config's loss fields and the run's ``mask_loss``."""
+    from m2f_jax.modeling.criterion import LossConfig
+
+    return LossConfig.from_config(config, mask_loss=args.mask_loss)
+
+
 def train(args: TrainArgs) -> Dict[str, Any]:
     """Runs training; returns a summary (final metrics, validation, paths). With several processes
     (``jax.distributed``: the coordinator arguments, ``distributed=True`` or a detected cluster)
@@ -215,7 +223,6 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     from m2f_jax.data.datasets import DataError, open_dataset
     from m2f_jax.data.pipeline import BatchIterator
     from m2f_jax.hub import Mask2Former
-    from m2f_jax.modeling.criterion import LossConfig
     from m2f_jax.training.checkpoint import CheckpointManager, abstract_state
     from m2f_jax.training.optimizer import make_optimizer
     from m2f_jax.training.train_step import BATCH_KEYS, TrainState, make_sharded_train_step
@@ -237,7 +244,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         clip_norm=args.clip_norm, total_steps=args.steps, warmup_steps=args.warmup_steps,
     )
     state = distributed.replicate(TrainState.create(params, optimizer.tx, args.seed), mesh)
-    step_fn = make_sharded_train_step(module, LossConfig.from_config(config), optimizer, mesh)
+    step_fn = make_sharded_train_step(module, loss_config(config, args), optimizer, mesh)
 
     os.makedirs(args.out, exist_ok=True)
     manager = CheckpointManager(os.path.join(args.out, "checkpoints"), save_every=args.save_every, keep=args.keep)

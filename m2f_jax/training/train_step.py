@@ -14,9 +14,9 @@ batch, so on one batch they give the same update up to float summation order:
 * Normalisation is over the global batch, as transformers does on one process:
   ``loss_mask``/``loss_dice`` are sums over all matched pairs / ``max(total targets, 1)``, and
   ``loss_cross_entropy`` is the weighted mean over all B*Q queries of the global batch. The
-  criterion is called per example (batch of 1), so the step turns its per-example values back into
-  numerators (x the example's ``num_masks`` or class-weight sum) and divides their global sums by
-  the global denominators (``psum``-ed under pmap).
+  criterion is called per example (batch of 1) for its sums and denominators
+  (``mask2former_loss_sums``); the step divides the global sums by the global denominators
+  (``psum``-ed under pmap).
 
 On one device this is transformers' loss on the same batch (same terms, same normalisation;
 the random points differ, being drawn per example). Deviation from transformers on several
@@ -48,7 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m2f_jax.modeling import variants
-from m2f_jax.modeling.criterion import LossConfig, mask2former_loss
+from m2f_jax.modeling.criterion import LossConfig, mask2former_loss_sums
 from m2f_jax.training.optimizer import Optimizer
 
 BATCH_KEYS = ("pixel_values", "mask_labels", "class_labels", "label_valid")
@@ -141,15 +141,9 @@ def train_compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
     return dict(_supported_cpu_options())
 
 
-def _level_of(name: str) -> int:
-    """'loss_dice' -> 0 (final prediction), 'loss_dice_3' -> 4 (auxiliary 3)."""
-    tail = name.rsplit("_", 1)[-1]
-    return int(tail) + 1 if tail.isdigit() else 0
-
-
 def _per_example_numerators(module, cfg: LossConfig, params, example, key):
-    """Loss numerators of one example: every weighted term times the denominator the criterion
-    divided it by, plus that example's share of the global denominators."""
+    """One example's loss sums (every weighted term's numerator), their denominators and its
+    valid target count (the criterion's :class:`LossSums`)."""
     dropout_key, points_key = jax.random.split(key)
     out = module.apply(
         {"params": params},
@@ -158,7 +152,7 @@ def _per_example_numerators(module, cfg: LossConfig, params, example, key):
         output_auxiliary_logits=True,
         rngs={"dropout": dropout_key},
     )
-    losses, matchings = mask2former_loss(
+    sums = mask2former_loss_sums(
         out.class_queries_logits,
         out.masks_queries_logits,
         example["mask_labels"][None],
@@ -167,23 +161,8 @@ def _per_example_numerators(module, cfg: LossConfig, params, example, key):
         config=cfg,
         auxiliary_logits=out.auxiliary_logits,
         key=points_key,
-        with_matchings=True,
     )
-    num_queries = out.class_queries_logits.shape[1]
-    num_targets = jnp.sum(example["label_valid"].astype(jnp.float32))
-    # Class-weight sum of the criterion's weighted-mean CE, per level: matched queries weigh 1,
-    # the others no_object_weight.
-    num_matched = jnp.sum(matchings.target_to_query >= 0, axis=(1, 2)).astype(jnp.float32)  # (L,)
-    ce_weight_sum = num_matched + (num_queries - num_matched) * cfg.no_object_weight  # (L,)
-    numerators = {}
-    for name, value in losses.items():
-        if name in ("loss", "invalid_labels"):
-            continue
-        if name.startswith("loss_cross_entropy"):
-            numerators[name] = value * ce_weight_sum[_level_of(name)]
-        else:  # loss_mask*, loss_dice*: the criterion divided by max(num_targets, 1)
-            numerators[name] = value * jnp.maximum(num_targets, 1.0)
-    return numerators, num_targets, ce_weight_sum, losses["invalid_labels"]
+    return sums.sums, sums.denominators, sums.num_targets, sums.invalid_labels
 
 
 # Crops below this many pixels keep one chain: each chain is compiled, and small crops (as in the
@@ -258,20 +237,17 @@ def _global_batch_losses(module, cfg, params, batch, key, axis_name, example_gro
         per_group({k: v[lo:hi] for k, v in examples.items()}, keys[lo:hi])
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
-    numerators, num_targets, ce_weight_sum, invalid_labels = jax.tree_util.tree_map(
+    numerators, denominators, num_targets, invalid_labels = jax.tree_util.tree_map(
         lambda *parts: jnp.concatenate(parts, axis=0), *outputs
     )
+    # Global denominators: the cross-entropy's class-weight sums add up over examples; the mask
+    # and dice terms' num_masks is max(total targets, 1), not a sum of per-example clamps.
+    ce_weight = {name: jnp.sum(values) for name, values in denominators.items() if name.startswith("loss_cross_entropy")}
     total_targets = jnp.sum(num_targets)
-    total_ce_weight = jnp.sum(ce_weight_sum, axis=0)  # (L,)
     if axis_name is not None:
-        total_targets, total_ce_weight = jax.lax.psum((total_targets, total_ce_weight), axis_name)
+        total_targets, ce_weight = jax.lax.psum((total_targets, ce_weight), axis_name)
     num_masks = jnp.maximum(total_targets, 1.0)
-    terms = {}
-    for name, values in numerators.items():
-        denominator = (
-            total_ce_weight[_level_of(name)] if name.startswith("loss_cross_entropy") else num_masks
-        )
-        terms[name] = jnp.sum(values) / denominator
+    terms = {name: jnp.sum(values) / ce_weight.get(name, num_masks) for name, values in numerators.items()}
     terms["invalid_labels"] = jnp.sum(invalid_labels)  # a count, not a loss term (see make_generic_train_step)
     return terms
 
