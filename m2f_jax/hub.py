@@ -385,7 +385,7 @@ def load(name_or_path: str, dtype=jnp.float32, revision: Optional[str] = None,
     ``precision``: the matmul/convolution precision, None (JAX's default), "default", "high" or
     "highest" (float32 on GPU and TPU; see README "Precision").
     ``scan_layers``: the repeated layers as scans (True) or unrolled (False); the same outputs and
-    parameters. Default: off (``m2f_jax.modeling.variants``).
+    parameters. Default: on for the "xla" variant, off for "cpu" (``m2f_jax.modeling.variants``).
     """
     return Mask2Former.from_pretrained(name_or_path, dtype=dtype, revision=revision, variant=variant,
                                        precision=precision, scan_layers=scan_layers)

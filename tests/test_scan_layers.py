@@ -43,8 +43,8 @@ def _scans(module, params, x) -> int:
     return sum(eqn.primitive.name == "scan" for _, eqn in variants.equations(jaxpr))
 
 
-def test_scan_layers_default_off_and_settings_win():
-    assert not variants.resolve_scan_layers(None, "xla") and not variants.resolve_scan_layers(None, "cpu")
+def test_scan_layers_default_on_for_xla_off_for_cpu_and_settings_win():
+    assert variants.resolve_scan_layers(None, "xla") and not variants.resolve_scan_layers(None, "cpu")
     assert not variants.resolve_scan_layers(False, "xla") and variants.resolve_scan_layers(True, "cpu")
     with variants.use_scan_layers(True):
         assert variants.resolve_scan_layers(None, "xla") and not variants.resolve_scan_layers(False, "xla")
@@ -53,8 +53,8 @@ def test_scan_layers_default_off_and_settings_win():
 def test_scanned_model_matches_transformers_and_unrolled_fp32_1e5(deep_checkpoint):
     model, torch_model, x = deep_checkpoint
     flags = dict(output_hidden_states=True, output_attentions=True, output_auxiliary_logits=True)
-    scanned, unrolled = _module(model, True), _module(model, None)
-    # Scanned: Swin stage 3, the encoder, the decoder; the default program is unrolled.
+    scanned, unrolled = _module(model, None), _module(model, False)
+    # The "xla" variant's default program has the scans: Swin stage 3, the encoder, the decoder.
     assert _scans(scanned, model.params, x) == 3 and _scans(unrolled, model.params, x) == 0
 
     ours = jax.jit(lambda p, x: scanned.apply({"params": p}, x, **flags))(model.params, x)

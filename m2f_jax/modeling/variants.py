@@ -36,8 +36,8 @@ decoder's layers in rounds of one per feature level) run as one ``lax.scan`` ove
 parameters, each trip under ``jax.checkpoint`` with the named policy :data:`REMAT_POLICY`, so that
 the compiled program does not grow with depth. Off: the same layers unrolled. The parameters are
 the unrolled ones either way (``blocks_0``, ``layers_0``, ...); the scanning module stacks them
-when it is called. Default (None): off, on every platform, until the TPU compile times of
-``benchmarks/tpu_cost.py`` on an unloaded host show it helps (benchmarks/README.md). Set it for a whole
+when it is called. Default (None): on for the "xla" variant (the deviceless v5e forward compiles
+1.4-1.5x faster, ``benchmarks/README.md``), off for "cpu" (not measured there). Set it for a whole
 model with ``Mask2FormerForUniversalSegmentation(config, scan_layers=...)``; layers used on their
 own read :func:`scan_layers`, which ``use_scan_layers(...)`` sets.
 """
@@ -101,15 +101,13 @@ REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 
 def resolve_scan_layers(scan: Optional[bool] = None, variant: Optional[str] = None) -> bool:
-    """``scan`` if given, else the one ``use_scan_layers`` set, else off (``variant`` is kept for a
-    default per variant)."""
+    """``scan`` if given, else the one ``use_scan_layers`` set, else on for the "xla" variant."""
     if scan is not None:
         return bool(scan)
     current_scan = _scan_layers.get()
     if current_scan is not None:
         return current_scan
-    resolve(variant)  # a bad variant still fails here
-    return False
+    return resolve(variant) == "xla"
 
 
 def scan_layers() -> bool:
